@@ -1,0 +1,21 @@
+"""DPAR kernels: fused entropy, patch boundaries, patch gather/scatter and varlen attention.
+
+Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``) and is a torch custom op.
+"""
+from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
+from .attention import attended_pairs, varlen_attention
+from .entropy import linear_entropy, token_entropy
+from .gather_scatter import patch_gather, patch_scatter
+from .modules import PatchGather, PatchScatter, VarlenAttention
+from .patching import entropy_patch_lengths, lengths_to_cu_seqlens, patch_ids
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "available_backends",
+    "token_entropy", "linear_entropy",
+    "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids",
+    "patch_gather", "patch_scatter",
+    "varlen_attention", "attended_pairs",
+    "VarlenAttention", "PatchGather", "PatchScatter",
+]

@@ -1,0 +1,72 @@
+"""Input validation shared by every op: clear TypeError/ValueError naming the argument.
+
+Checks that read tensor values (cu_seqlens contents) run eagerly and are skipped while torch.compile traces,
+where they would force a graph break; the kernels themselves never read or write out of bounds.
+"""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, dtypes=None, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(x.shape)}")
+
+
+def check_float(name: str, x, **kwargs) -> None:
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, **kwargs)
+
+
+def check_same_device(**tensors) -> torch.device:
+    """Raises ValueError if the named tensors (None entries ignored) live on different devices."""
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    device = named[0][1].device
+    for key, value in named[1:]:
+        if value.device != device:
+            raise ValueError(f"{key} is on {value.device} but {named[0][0]} is on {device}")
+    return device
+
+
+def check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
+    """cu: int32 [n+1] offsets: starts at 0, non-decreasing, ends at ``total``, on ``device``."""
+    check_tensor(name, cu, ndim=1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {str(cu.dtype).replace('torch.', '')}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the data is on {device}")
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (the leading 0)")
+    if _tracing():
+        return
+    first, last = cu[0].item(), cu[-1].item()
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {first}")
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    if last != total:
+        raise ValueError(f"{name} must end at the total length {total}, got {last}")
+
+
+def max_segment_length(cu: torch.Tensor) -> int:
+    """Longest segment of offsets ``cu`` (0 for no segments)."""
+    if cu.numel() < 2:
+        return 0
+    return int((cu[1:] - cu[:-1]).max().item())

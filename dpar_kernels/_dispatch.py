@@ -1,0 +1,73 @@
+"""Backend selection shared by every op.
+
+``backend=None`` picks the best available implementation for the tensor's device: "cuda" then "triton" then
+"torch" on CUDA tensors, "cpu" then "torch" on CPU tensors. DPAR_BACKEND sets the default; a forced backend
+(argument or environment) that cannot run raises BackendUnavailableError naming why.
+"""
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run the op on the given inputs."""
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' needs CPU tensors, got {device.type} tensors"
+        return None if _extension.HAS_CPU_OPS else "the dpar_kernels._C extension is not built"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' needs CUDA tensors, got {device.type} tensors"
+        return None if _extension.HAS_CUDA_OPS else "dpar_kernels._C was built without CUDA kernels"
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreter()):
+            return None
+        return f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+    raise AssertionError(backend)
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...]) -> str:
+    """Returns the backend name that ``op`` will run with on ``device``.
+
+    requested: None, or one of BACKENDS. supported: the backends ``op`` implements.
+    """
+    forced = requested if requested is not None else os.environ.get("DPAR_BACKEND") or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {forced!r}")
+        if forced not in supported:
+            raise BackendUnavailableError(f"{op}: backend {forced!r} is not implemented (it has {supported})")
+        reason = _why_unavailable(forced, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
+        return forced
+    for candidate in _PREFERENCE.get(device.type, ("torch",)):
+        if candidate in supported and _why_unavailable(candidate, device) is None:
+            return candidate
+    return "torch"
+
+
+def available_backends(device: torch.device, supported: tuple[str, ...] = BACKENDS) -> list[str]:
+    """The backends of ``supported`` that can run on ``device`` here (used by tests and benchmarks)."""
+    return [b for b in supported if _why_unavailable(b, device) is None]

@@ -1,0 +1,87 @@
+"""Public entropy ops: token_entropy and linear_entropy (forward only)."""
+import torch
+
+from .._checks import check_float, check_positive, check_same_device, check_tensor
+from .._dispatch import resolve_backend
+from .._ops import extension_op, lazy, reject_grad
+from . import naive
+
+_TOKEN_ENTROPY = {
+    "torch": naive.token_entropy,
+    "cpu": extension_op("token_entropy"),
+    "cuda": extension_op("token_entropy"),
+    "triton": lazy(".entropy.triton_kernels", "token_entropy"),
+}
+_LINEAR_ENTROPY = {
+    "torch": naive.linear_entropy,
+    "cpu": naive.linear_entropy,  # chunked torch.matmul is the CPU path; see linear_entropy's docstring
+    "cuda": lazy(".entropy.triton_kernels", "linear_entropy"),
+    "triton": lazy(".entropy.triton_kernels", "linear_entropy"),
+}
+
+
+@torch.library.custom_op("dpar::token_entropy", mutates_args=())
+def _token_entropy_op(logits: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    return _TOKEN_ENTROPY[backend](logits, temperature).to(torch.float32)
+
+
+@_token_entropy_op.register_fake
+def _(logits, temperature, backend):
+    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dpar::linear_entropy", mutates_args=())
+def _linear_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       temperature: float, backend: str) -> torch.Tensor:
+    return _LINEAR_ENTROPY[backend](hidden, weight, bias, temperature).to(torch.float32)
+
+
+@_linear_entropy_op.register_fake
+def _(hidden, weight, bias, temperature, backend):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits / temperature) over the last dim.
+
+    logits [..., V] fp32/fp16/bf16 (fp64 on the torch and cpu backends); -inf entries are masked vocabulary.
+    Returns float32 [...]. Forward only. A row that is entirely -inf has no distribution and gives NaN.
+    """
+    check_float("logits", logits, min_ndim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty last dim (the vocabulary)")
+    check_positive("temperature", temperature)
+    reject_grad("token_entropy", logits=logits)
+    backend = resolve_backend("token_entropy", backend, logits.device, tuple(_TOKEN_ENTROPY))
+    lead = logits.shape[:-1]
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return _token_entropy_op(rows, float(temperature), backend).reshape(lead)
+
+
+def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
+    """Entropy of softmax((hidden @ weight.T + bias) / temperature) without holding the [N, V] logits.
+
+    hidden [N, D], weight [V, D], bias [V] or None, same float dtype and device. Returns float32 [N].
+    The CPU paths chunk over N and V with torch.matmul and merge vocabulary chunks with an online recurrence;
+    on GPU a Triton kernel fuses the matmul tile with the entropy update. Forward only.
+    """
+    check_float("hidden", hidden, ndim=2)
+    check_float("weight", weight, ndim=2)
+    if bias is not None:
+        check_float("bias", bias, ndim=1)
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] disagree on D: {hidden.shape[1]} vs {weight.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (the vocabulary)")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have V={weight.shape[0]} entries, got {bias.shape[0]}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    check_positive("temperature", temperature)
+    reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
+    backend = resolve_backend("linear_entropy", backend, hidden.device, tuple(_LINEAR_ENTROPY))
+    return _linear_entropy_op(hidden, weight, bias, float(temperature), backend)

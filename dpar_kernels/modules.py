@@ -1,0 +1,45 @@
+"""nn.Module wrappers of the ops, drop-in for model code."""
+from torch import nn
+
+from .attention import varlen_attention
+from .gather_scatter import patch_gather, patch_scatter
+
+
+class VarlenAttention(nn.Module):
+    """forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> out; see dk.varlen_attention."""
+
+    def __init__(self, *, causal: bool = True, softmax_scale: float | None = None, backend: str | None = None):
+        super().__init__()
+        self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                softmax_scale=self.softmax_scale, causal=self.causal, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, softmax_scale={self.softmax_scale}, backend={self.backend}"
+
+
+class PatchGather(nn.Module):
+    """forward(x [T, D], cu_tokens [P+1]) -> [P, D]; see dk.patch_gather."""
+
+    def __init__(self, reduce: str = "max", *, backend: str | None = None):
+        super().__init__()
+        self.reduce, self.backend = reduce, backend
+
+    def forward(self, x, cu_tokens):
+        return patch_gather(x, cu_tokens, reduce=self.reduce, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduce={self.reduce!r}, backend={self.backend}"
+
+
+class PatchScatter(nn.Module):
+    """forward(y [P, D], cu_tokens [P+1], total_tokens=None) -> [T, D]; see dk.patch_scatter."""
+
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, y, cu_tokens, total_tokens: int | None = None):
+        return patch_scatter(y, cu_tokens, total_tokens=total_tokens, backend=self.backend)

@@ -1,0 +1,89 @@
+"""DPAR patch boundaries from entropies, vectorised over images and tokens (no Python loops)."""
+import torch
+
+from .._checks import check_float, check_tensor
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _thresholds(threshold, batch: int, device: torch.device) -> torch.Tensor:
+    """threshold: float or [B] tensor -> float64 [B, 1]."""
+    if isinstance(threshold, torch.Tensor):
+        check_float("threshold", threshold, ndim=1)
+        if threshold.shape[0] != batch:
+            raise ValueError(f"threshold must have one entry per image (B={batch}), got {threshold.shape[0]}")
+        if threshold.device != device:
+            raise ValueError(f"threshold is on {threshold.device} but entropy is on {device}")
+        return threshold.to(torch.float64)[:, None]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float or a [B] tensor, got {type(threshold).__name__}")
+    return torch.full((batch, 1), float(threshold), dtype=torch.float64, device=device)
+
+
+def patch_starts(entropy: torch.Tensor, threshold, max_patch_size: int, row_width: int | None) -> torch.Tensor:
+    """bool [B, T]: True where a token starts a patch (the rules of SPEC "What DPAR is")."""
+    batch, tokens = entropy.shape
+    thr = _thresholds(threshold, batch, entropy.device)
+    starts = torch.zeros(batch, tokens, dtype=torch.bool, device=entropy.device)
+    starts[:, 0:1] = True
+    starts[:, 1:] = entropy[:, :-1].to(torch.float64) > thr
+    position = torch.arange(tokens, device=entropy.device)
+    if row_width is not None:
+        starts |= (position % row_width == 0)[None, :]
+    run_start = torch.where(starts, position[None, :], torch.zeros_like(position)[None, :]).cummax(dim=1).values
+    return (position[None, :] - run_start) % max_patch_size == 0
+
+
+def entropy_patch_lengths(entropy: torch.Tensor, *, threshold, max_patch_size: int, row_width: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch lengths from per-token entropies.
+
+    entropy [B, T] float: H_i, the entropy of the prediction of token i+1. threshold: float or [B] tensor.
+    Token i+1 starts a patch when H_i > threshold; token 0 and (with row_width) every multiple of row_width
+    start one; runs longer than max_patch_size are cut greedily into max-size chunks.
+    Returns patch_lengths int32 [P_total] (images in order) and cu_patches int32 [B+1].
+    """
+    check_float("entropy", entropy, ndim=2)
+    _check_int("max_patch_size", max_patch_size, 1)
+    if row_width is not None:
+        _check_int("row_width", row_width, 1)
+    batch, tokens = entropy.shape
+    starts = patch_starts(entropy, threshold, max_patch_size, row_width)
+    flat_starts = starts.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([flat_starts[1:], flat_starts.new_full((1,), batch * tokens)])
+    lengths = (ends - flat_starts).to(torch.int32)
+    cu_patches = torch.zeros(batch + 1, dtype=torch.int32, device=entropy.device)
+    cu_patches[1:] = starts.sum(dim=1).cumsum(0)
+    return lengths, cu_patches
+
+
+def lengths_to_cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    """lengths [n] integer (non-negative) -> int32 [n+1] offsets starting at 0."""
+    check_tensor("lengths", lengths, ndim=1)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if not torch.compiler.is_compiling() and lengths.numel() and bool((lengths < 0).any()):
+        raise ValueError("lengths must be non-negative")
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    return cu
+
+
+def patch_ids(patch_lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """patch_lengths [P] integer with sum == total -> int32 [total]: the patch index of every token."""
+    check_tensor("patch_lengths", patch_lengths, ndim=1)
+    if patch_lengths.is_floating_point() or patch_lengths.dtype == torch.bool:
+        raise TypeError(f"patch_lengths must be an integer tensor, got {patch_lengths.dtype}")
+    _check_int("total", total, 0)
+    if not torch.compiler.is_compiling():
+        if patch_lengths.numel() and bool((patch_lengths < 0).any()):
+            raise ValueError("patch_lengths must be non-negative")
+        if int(patch_lengths.sum()) != total:
+            raise ValueError(f"patch_lengths sum to {int(patch_lengths.sum())}, not total={total}")
+    ids = torch.arange(patch_lengths.numel(), device=patch_lengths.device, dtype=torch.int32)
+    return torch.repeat_interleave(ids, patch_lengths.long(), output_size=total)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs torch (CPU wheel unless one is already installed), the package with its test extras, and builds
+# the dpar_kernels._C extension in place. Idempotent. PYTHON selects the interpreter (default: python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q setuptools wheel ninja
+"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+"$PY" -c "import dpar_kernels._extension as e; print('dpar_kernels extension: cpu ops', e.HAS_CPU_OPS, '| cuda ops', e.HAS_CUDA_OPS)"

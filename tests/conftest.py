@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+# Triton picks the interpreter when a kernel is defined, so it must be on before dpar_kernels' Triton modules load.
+# With it on, backend="triton" runs on CPU tensors; backend=None still never picks triton for CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,43 @@
+"""Shared test utilities: tolerances per dtype, poisoned outputs, random ragged batches, backend lists."""
+import torch
+
+import dpar_kernels as dk
+from dpar_kernels import _dispatch
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max(max |e|, tiny), computed in float64; NaN/inf must match exactly."""
+    a, e = actual.double(), expected.double()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), "NaN pattern differs"
+    finite = torch.isfinite(e)
+    assert torch.equal(a[~finite & ~torch.isnan(e)], e[~finite & ~torch.isnan(e)]), "inf pattern differs"
+    a, e = a[finite], e[finite]
+    if e.numel() == 0:
+        return 0.0
+    return ((a - e).abs().max() / e.abs().max().clamp(min=1e-6)).item()
+
+
+def assert_close(actual, expected, dtype, factor: float = 1.0):
+    err = rel_error(actual, expected)
+    assert err <= TOLERANCE[dtype] * factor, f"relative error {err:.3g} > {TOLERANCE[dtype] * factor:.3g} ({dtype})"
+
+
+def cpu_backends() -> list[str]:
+    """Backends that can run on CPU tensors here (triton only with TRITON_INTERPRET=1)."""
+    return dk.available_backends(torch.device("cpu"))
+
+
+def triton_on_cpu() -> bool:
+    """True when triton is installed, so tests can run its kernels in the interpreter."""
+    return _dispatch.HAS_TRITON
+
+
+def random_lengths(n: int, low: int, high: int, generator=None) -> torch.Tensor:
+    return torch.randint(low, high + 1, (n,), generator=generator, dtype=torch.int32)
+
+
+def cu_from_lengths(lengths) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths, dtype=torch.int32)
+    return dk.lengths_to_cu_seqlens(lengths)
