@@ -9,7 +9,8 @@ LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6}  # LlamaGen GPT-B/L/XL p
 
 def test_named_configs_and_overrides():
     tiny = dpar.get_config("tiny")
-    assert (tiny.width, tiny.num_heads, tiny.encoder_layers, tiny.global_layers, tiny.decoder_layers) == (64, 4, 1, 2, 1)
+    sizes = (tiny.width, tiny.num_heads, tiny.encoder_layers, tiny.global_layers, tiny.decoder_layers)
+    assert sizes == (64, 4, 1, 2, 1)
     layers = {name: (c.encoder_layers, c.global_layers, c.decoder_layers, c.width)
               for name, c in ((n, dpar.get_config(n)) for n in ("B", "L", "XL"))}
     assert layers == {"B": (1, 8, 3, 768), "L": (1, 19, 4, 1024), "XL": (1, 30, 5, 1280)}

@@ -106,7 +106,8 @@ def test_baseline_cached_generation_matches_full_recomputation(cfg_scale, sampli
     _, _, baseline, _ = tiny_models()
     labels = torch.tensor([1, 4, 9])
     tokens = baseline.generate(labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(7), **sampling)
-    expected = reference_baseline(baseline, labels, cfg_scale, dict(sampling, generator=torch.Generator().manual_seed(7)))
+    expected = reference_baseline(baseline, labels, cfg_scale,
+                                  dict(sampling, generator=torch.Generator().manual_seed(7)))
     assert tokens.shape == (3, baseline.config.tokens_per_image) and tokens.dtype == torch.long
     assert torch.equal(tokens, expected)
 

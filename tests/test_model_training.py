@@ -76,3 +76,18 @@ def test_forward_rejects_bad_inputs():
         model(tokens[:1], labels[:1], patches)
     with pytest.raises(ValueError, match="labels must be in"):
         model(tokens, labels + config.num_classes + 1, patches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_losses_track_float32(dtype):
+    config, dpar_model, baseline, entropy_model = tiny_models(torch.float32)
+    tokens, labels, patches, _ = random_batch(config, images=2, seed=10)
+    with torch.no_grad():
+        for model, args in ((dpar_model, (tokens, labels, patches)), (baseline, (tokens, labels)),
+                            (entropy_model, (tokens,))):
+            full = model.loss(*args)
+            half = model.to(dtype).loss(*args)
+            assert half.dtype == torch.float32 and torch.isfinite(half)
+            assert abs(half.item() - full.item()) < 2e-2 * full.item(), (type(model).__name__, half, full)
+        entropies = entropy_model.entropies(tokens)
+        assert entropies.dtype == torch.float32 and torch.isfinite(entropies).all()
