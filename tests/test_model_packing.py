@@ -39,3 +39,14 @@ def test_entropies_do_not_depend_on_batch_neighbours():
     assert together.dtype == torch.float32 and together.shape == tokens.shape
     for b in range(3):
         assert_close(together[b], entropy_model.entropies(tokens[b:b + 1])[0], torch.float32)
+
+
+def test_non_contiguous_token_grids_give_the_same_logits():
+    config, dpar_model, baseline, _ = tiny_models()
+    tokens, labels, patches, _ = random_batch(config, images=2, seed=11)
+    strided = tokens.t().contiguous().t()  # same values, column-major
+    wide_labels = torch.stack([labels, labels], 1)[:, 0]  # stride 2
+    assert not strided.is_contiguous() and not wide_labels.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(dpar_model(strided, wide_labels, patches), dpar_model(tokens, labels, patches))
+        assert torch.equal(baseline(strided, wide_labels), baseline(tokens, labels))
