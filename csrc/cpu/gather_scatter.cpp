@@ -29,29 +29,29 @@ Reduce parse_reduce(std::string_view reduce) {
   if (reduce == "max") return Reduce::Max;
   if (reduce == "sum") return Reduce::Sum;
   if (reduce == "mean") return Reduce::Mean;
-  TORCH_CHECK(false, "reduce must be 'max', 'sum' or 'mean', got '", std::string(reduce), "'");
+  TORCH_CHECK_VALUE(false, "reduce must be 'max', 'sum' or 'mean', got '", std::string(reduce), "'");
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor");
   auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
               " must be float32, float16, bfloat16 or float64, got ", dtype);
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have stride(1) == 1");
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name, " must have stride(1) == 1");
 }
 
 // Checks cu_tokens (int32 [P+1], 0 .. total, non-decreasing) so that no kernel can index out of bounds.
 void check_offsets(const at::Tensor& cu, int64_t total) {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, "cu_tokens must be 1-D with at least one entry");
-  TORCH_CHECK(cu.scalar_type() == at::kInt, "cu_tokens must be int32, got ", cu.scalar_type());
-  TORCH_CHECK(cu.device().is_cpu(), "cu_tokens must be a CPU tensor");
-  TORCH_CHECK(cu.is_contiguous(), "cu_tokens must be contiguous");
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "cu_tokens must be 1-D with at least one entry");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "cu_tokens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), "cu_tokens must be a CPU tensor");
+  TORCH_CHECK_VALUE(cu.is_contiguous(), "cu_tokens must be contiguous");
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t n = cu.numel();
-  TORCH_CHECK(c[0] == 0, "cu_tokens must start at 0, got ", c[0]);
-  for (int64_t i = 1; i < n; ++i) TORCH_CHECK(c[i] >= c[i - 1], "cu_tokens must be non-decreasing");
-  TORCH_CHECK(c[n - 1] == total, "cu_tokens must end at the total length ", total, ", got ", c[n - 1]);
+  TORCH_CHECK_VALUE(c[0] == 0, "cu_tokens must start at 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i) TORCH_CHECK_VALUE(c[i] >= c[i - 1], "cu_tokens must be non-decreasing");
+  TORCH_CHECK_VALUE(c[n - 1] == total, "cu_tokens must end at the total length ", total, ", got ", c[n - 1]);
 }
 
 // Runs body(patch, col_begin, col_end) over every (patch, column chunk) unit in parallel.
@@ -172,15 +172,15 @@ at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Te
                                      const at::Tensor& argmax_in, int64_t total, std::string_view reduce_name) {
   const Reduce reduce = parse_reduce(reduce_name);
   check_rows(grad_out_in, "grad_out");
-  TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
+  TORCH_CHECK_VALUE(total >= 0, "total must be >= 0, got ", total);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor cu = cu_tokens.contiguous();
   check_offsets(cu, total);
-  TORCH_CHECK(cu.numel() - 1 == grad_out.size(0), "grad_out must have one row per patch (", cu.numel() - 1,
+  TORCH_CHECK_VALUE(cu.numel() - 1 == grad_out.size(0), "grad_out must have one row per patch (", cu.numel() - 1,
               "), got ", grad_out.size(0));
   at::Tensor argmax;
   if (reduce == Reduce::Max) {
-    TORCH_CHECK(argmax_in.scalar_type() == at::kInt && argmax_in.sizes() == grad_out.sizes(),
+    TORCH_CHECK_VALUE(argmax_in.scalar_type() == at::kInt && argmax_in.sizes() == grad_out.sizes(),
                 "argmax must be int32 with the shape of grad_out");
     argmax = argmax_in.contiguous();
   }
@@ -192,7 +192,7 @@ at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Te
                                      reduce == Reduce::Max ? argmax.data_ptr<int32_t>() : nullptr, reduce, grad_x,
                                      bad_argmax);
   });
-  TORCH_CHECK(!bad_argmax, "argmax holds a token outside its patch");
+  TORCH_CHECK_VALUE(!bad_argmax, "argmax holds a token outside its patch");
   return grad_x;
 }
 
@@ -210,10 +210,10 @@ void scatter_kernel(const at::Tensor& y, const int32_t* cu, at::Tensor& out) {
 
 at::Tensor patch_scatter_cpu(const at::Tensor& y, const at::Tensor& cu_tokens, int64_t total) {
   check_rows(y, "y");
-  TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
+  TORCH_CHECK_VALUE(total >= 0, "total must be >= 0, got ", total);
   const at::Tensor cu = cu_tokens.contiguous();
   check_offsets(cu, total);
-  TORCH_CHECK(cu.numel() - 1 == y.size(0), "y must have one row per patch (", cu.numel() - 1, "), got ",
+  TORCH_CHECK_VALUE(cu.numel() - 1 == y.size(0), "y must have one row per patch (", cu.numel() - 1, "), got ",
               y.size(0));
   at::Tensor out = at::empty({total, y.size(1)}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "patch_scatter_cpu", [&] {
