@@ -1,0 +1,238 @@
+// Patch gather (max / sum / mean over each patch's tokens), its backward, and patch scatter: schemas + CPU kernels.
+//
+// Shapes: x [total, D] packed tokens (row stride free, stride(1) == 1), cu_tokens int32 [P+1] token offsets of each
+// patch, out [P, D]. Work is split over (patch, column chunk) units with at::parallel_for (OpenMP); each unit owns
+// its output rows, so nothing is written twice and no atomics are needed. Accumulation is in fp32 (fp64 for fp64).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace dpar {
+namespace {
+
+constexpr int64_t kChunk = 256;          // columns per work unit (the accumulator lives on the stack)
+constexpr int64_t kGrainElements = 1 << 15;  // rough number of elements a thread should get at least
+
+enum class Reduce { Max, Sum, Mean };
+
+Reduce parse_reduce(std::string_view reduce) {
+  if (reduce == "max") return Reduce::Max;
+  if (reduce == "sum") return Reduce::Sum;
+  if (reduce == "mean") return Reduce::Mean;
+  TORCH_CHECK_VALUE(false, "reduce must be 'max', 'sum' or 'mean', got '", std::string(reduce), "'");
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor");
+  auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
+              " must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name, " must have stride(1) == 1");
+}
+
+// Checks cu_tokens (int32 [P+1], 0 .. total, non-decreasing) so that no kernel can index out of bounds.
+void check_offsets(const at::Tensor& cu, int64_t total) {
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "cu_tokens must be 1-D with at least one entry");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "cu_tokens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), "cu_tokens must be a CPU tensor");
+  TORCH_CHECK_VALUE(cu.is_contiguous(), "cu_tokens must be contiguous");
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.numel();
+  TORCH_CHECK_VALUE(c[0] == 0, "cu_tokens must start at 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i) TORCH_CHECK_VALUE(c[i] >= c[i - 1], "cu_tokens must be non-decreasing");
+  TORCH_CHECK_VALUE(c[n - 1] == total, "cu_tokens must end at the total length ", total, ", got ", c[n - 1]);
+}
+
+// Runs body(patch, col_begin, col_end) over every (patch, column chunk) unit in parallel.
+template <typename Body>
+void for_each_unit(int64_t num_patches, int64_t cols, int64_t total, const Body& body) {
+  const int64_t chunks = std::max<int64_t>(1, (cols + kChunk - 1) / kChunk);
+  const int64_t units = num_patches * chunks;
+  if (units == 0) return;
+  const int64_t elements_per_unit = std::max<int64_t>(1, (total * cols + units - 1) / units);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / elements_per_unit);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t patch = u / chunks;
+      const int64_t col = (u % chunks) * kChunk;
+      body(patch, col, std::min(cols, col + kChunk));
+    }
+  });
+}
+
+template <typename scalar_t>
+void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Tensor& out, at::Tensor& argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t x_stride = x.stride(0);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  int32_t* ap = reduce == Reduce::Max ? argmax.data_ptr<int32_t>() : nullptr;
+  const int64_t cols = x.size(1);
+  for_each_unit(out.size(0), cols, x.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
+    const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
+    scalar_t* o = op + p * cols + c0;
+    if (start == stop) {  // empty patch: 0 for every reduction, no arg-max
+      for (int64_t j = 0; j < width; ++j) o[j] = scalar_t(0);
+      if (ap != nullptr) std::fill(ap + p * cols + c0, ap + p * cols + c1, -1);
+      return;
+    }
+    acc_t acc[kChunk];
+    const scalar_t* first = xp + start * x_stride + c0;
+    for (int64_t j = 0; j < width; ++j) acc[j] = static_cast<acc_t>(first[j]);
+    if (reduce == Reduce::Max) {
+      int32_t arg[kChunk];
+      for (int64_t j = 0; j < width; ++j) arg[j] = static_cast<int32_t>(start);
+      for (int64_t t = start + 1; t < stop; ++t) {
+        const scalar_t* row = xp + t * x_stride + c0;
+        const int32_t token = static_cast<int32_t>(t);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const acc_t v = static_cast<acc_t>(row[j]);
+          const bool take = v > acc[j] || v != v;  // strict: ties keep the first token; NaN propagates
+          acc[j] = take ? v : acc[j];
+          arg[j] = take ? token : arg[j];
+        }
+      }
+      int32_t* a = ap + p * cols + c0;
+      for (int64_t j = 0; j < width; ++j) {
+        o[j] = static_cast<scalar_t>(acc[j]);
+        a[j] = std::isnan(static_cast<double>(acc[j])) ? -1 : arg[j];  // NaN equals no token (as the reference)
+      }
+      return;
+    }
+    for (int64_t t = start + 1; t < stop; ++t) {
+      const scalar_t* row = xp + t * x_stride + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
+    }
+    const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
+    for (int64_t j = 0; j < width; ++j) o[j] = static_cast<scalar_t>(acc[j] * scale);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_gather_cpu(const at::Tensor& x, const at::Tensor& cu_tokens,
+                                                     std::string_view reduce_name) {
+  const Reduce reduce = parse_reduce(reduce_name);
+  check_rows(x, "x");
+  const at::Tensor cu = cu_tokens.contiguous();
+  check_offsets(cu, x.size(0));
+  const int64_t num_patches = cu.numel() - 1;
+  at::Tensor out = at::empty({num_patches, x.size(1)}, x.options());
+  at::Tensor argmax = reduce == Reduce::Max ? at::empty({num_patches, x.size(1)}, x.options().dtype(at::kInt))
+                                             : at::empty({0}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_gather_cpu", [&] {
+    gather_kernel<scalar_t>(x, cu.data_ptr<int32_t>(), reduce, out, argmax);
+  });
+  return {out, argmax};
+}
+
+template <typename scalar_t>
+void gather_backward_kernel(const at::Tensor& grad_out, const int32_t* cu, const int32_t* argmax, Reduce reduce,
+                            at::Tensor& grad_x, std::atomic<bool>& bad_argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* gp = grad_out.data_ptr<scalar_t>();
+  scalar_t* xp = grad_x.data_ptr<scalar_t>();
+  const int64_t cols = grad_out.size(1);
+  for_each_unit(grad_out.size(0), cols, grad_x.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
+    const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
+    if (start == stop) return;
+    const scalar_t* g = gp + p * cols + c0;
+    if (reduce == Reduce::Max) {  // the patch zeroes its own tokens, then writes each column's arg-max token
+      for (int64_t t = start; t < stop; ++t) std::fill(xp + t * cols + c0, xp + t * cols + c1, scalar_t(0));
+      const int32_t* a = argmax + p * cols + c0;
+      for (int64_t j = 0; j < width; ++j) {
+        if (a[j] < 0) continue;  // a NaN column has no arg-max
+        if (a[j] < start || a[j] >= stop) {
+          bad_argmax = true;
+          continue;
+        }
+        xp[a[j] * cols + c0 + j] = g[j];
+      }
+      return;
+    }
+    const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
+    scalar_t row[kChunk];
+    for (int64_t j = 0; j < width; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * scale);
+    for (int64_t t = start; t < stop; ++t) std::copy(row, row + width, xp + t * cols + c0);
+  });
+}
+
+at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& cu_tokens,
+                                     const at::Tensor& argmax_in, int64_t total, std::string_view reduce_name) {
+  const Reduce reduce = parse_reduce(reduce_name);
+  check_rows(grad_out_in, "grad_out");
+  TORCH_CHECK_VALUE(total >= 0, "total must be >= 0, got ", total);
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor cu = cu_tokens.contiguous();
+  check_offsets(cu, total);
+  TORCH_CHECK_VALUE(cu.numel() - 1 == grad_out.size(0), "grad_out must have one row per patch (", cu.numel() - 1,
+              "), got ", grad_out.size(0));
+  at::Tensor argmax;
+  if (reduce == Reduce::Max) {
+    TORCH_CHECK_VALUE(argmax_in.scalar_type() == at::kInt && argmax_in.sizes() == grad_out.sizes(),
+                "argmax must be int32 with the shape of grad_out");
+    argmax = argmax_in.contiguous();
+  }
+  at::Tensor grad_x = at::empty({total, grad_out.size(1)}, grad_out.options());
+  std::atomic<bool> bad_argmax{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "patch_gather_backward_cpu",
+                                  [&] {
+    gather_backward_kernel<scalar_t>(grad_out, cu.data_ptr<int32_t>(),
+                                     reduce == Reduce::Max ? argmax.data_ptr<int32_t>() : nullptr, reduce, grad_x,
+                                     bad_argmax);
+  });
+  TORCH_CHECK_VALUE(!bad_argmax, "argmax holds a token outside its patch");
+  return grad_x;
+}
+
+template <typename scalar_t>
+void scatter_kernel(const at::Tensor& y, const int32_t* cu, at::Tensor& out) {
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t y_stride = y.stride(0);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t cols = y.size(1);
+  for_each_unit(y.size(0), cols, out.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
+    const scalar_t* src = yp + p * y_stride;
+    for (int64_t t = cu[p]; t < cu[p + 1]; ++t) std::copy(src + c0, src + c1, op + t * cols + c0);
+  });
+}
+
+at::Tensor patch_scatter_cpu(const at::Tensor& y, const at::Tensor& cu_tokens, int64_t total) {
+  check_rows(y, "y");
+  TORCH_CHECK_VALUE(total >= 0, "total must be >= 0, got ", total);
+  const at::Tensor cu = cu_tokens.contiguous();
+  check_offsets(cu, total);
+  TORCH_CHECK_VALUE(cu.numel() - 1 == y.size(0), "y must have one row per patch (", cu.numel() - 1, "), got ",
+              y.size(0));
+  at::Tensor out = at::empty({total, y.size(1)}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "patch_scatter_cpu", [&] {
+    scatter_kernel<scalar_t>(y, cu.data_ptr<int32_t>(), out);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace dpar
+
+TORCH_LIBRARY_FRAGMENT(dpar_C, m) {
+  m.def("patch_gather(Tensor x, Tensor cu_tokens, str reduce) -> (Tensor, Tensor)");
+  m.def("patch_gather_backward(Tensor grad_out, Tensor cu_tokens, Tensor argmax, int total, str reduce) -> Tensor");
+  m.def("patch_scatter(Tensor y, Tensor cu_tokens, int total) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dpar_C, CPU, m) {
+  m.impl("patch_gather", &dpar::patch_gather_cpu);
+  m.impl("patch_gather_backward", &dpar::patch_gather_backward_cpu);
+  m.impl("patch_scatter", &dpar::patch_scatter_cpu);
+}
