@@ -1,0 +1,52 @@
+"""LlamaGen baseline: the same blocks as DPAR at token level (every patch one token).
+
+A plain causal transformer over [class token] + tokens with 2D RoPE and encoder+global+decoder layers.
+"""
+import torch
+from torch import nn
+
+from .blocks import AxialRope, RMSNorm, dense_cu_seqlens, grid_positions, init_weights, stack_from
+from .conditioning import ClassEmbedding, check_tokens_labels
+
+
+class LlamaGenBaseline(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.token_embed = nn.Embedding(c.vocab_size, c.width)
+        self.class_embed = ClassEmbedding(c.num_classes, c.width, c.class_dropout)
+        self.rope = AxialRope(c.head_dim, 2, c.rope_base)
+        self.layers = stack_from(c, c.total_layers)
+        self.norm = RMSNorm(c.width, c.norm_eps)
+        self.head = nn.Linear(c.width, c.vocab_size, bias=False)
+        init_weights(self, c.init_std)
+
+    def positions(self, sequence_index: torch.Tensor) -> torch.Tensor:
+        """Index in [class, token_0, ...] -> (row, col) [N, 2]; the class token (index 0) gets (0, 0)."""
+        return grid_positions((sequence_index - 1).clamp(min=0), self.config.grid_width)
+
+    def run(self, rows, sequence_index, cu_seqlens=None, max_seqlen=None, cache=None):
+        """rows [N, D] at sequence positions [N] -> logits [N, V] (row i predicts the token after it)."""
+        rope = self.rope(self.positions(sequence_index), rows.dtype)
+        return self.head(self.norm(self.layers(rows, rope, cu_seqlens, max_seqlen, cache)))
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, patches=None) -> torch.Tensor:
+        """tokens int64 [B, T], labels int64 [B] -> logits [B*T, V] (row b*T+t predicts tokens[b, t]).
+        ``patches`` is ignored (every token is its own patch)."""
+        check_tokens_labels(self.config, tokens, labels)
+        batch, length = tokens.shape
+        # the last token predicts nothing, so the sequence is [class, token_0 .. token_{T-2}]
+        rows = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1)
+        index = torch.arange(length, device=tokens.device).repeat(batch)
+        return self.run(rows.reshape(batch * length, -1), index, dense_cu_seqlens(batch, length, tokens.device),
+                        length)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, patches=None) -> torch.Tensor:
+        logits = self.forward(tokens, labels)
+        return nn.functional.cross_entropy(logits.float(), tokens.reshape(-1))
+
+    def generate(self, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Samples token grids int64 [B, H*W] with a KV cache; see dpar.generation.generate_baseline."""
+        from .generation import generate_baseline
+        return generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, generator=generator)

@@ -1,0 +1,168 @@
+"""Transformer building blocks over packed (ragged) rows: every attention goes through dk.varlen_attention.
+
+Row tensors are [N, D] (all sequences of a batch packed); sequences are described by int32 cu_seqlens [B+1].
+"""
+import torch
+from torch import nn
+
+import dpar_kernels as dk
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """x [N, D] -> w2(silu(w1 x) * w3 x) [N, D]."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class AxialRope(nn.Module):
+    """RoPE over several position axes: the head_dim/2 rotary pairs are split into one group per axis.
+
+    2 axes (row, col) give the 2D token-grid RoPE; 3 axes (row, col_start, col_end) give the patch RoPE.
+    Position 0 on every axis is the identity rotation (used for the class token, as in LlamaGen).
+    """
+
+    def __init__(self, head_dim: int, axes: int, base: float = 10000.0):
+        super().__init__()
+        pairs = head_dim // 2
+        sizes = [pairs // axes + (1 if a < pairs % axes else 0) for a in range(axes)]
+        if min(sizes) < 1:
+            raise ValueError(f"head_dim {head_dim} has too few rotary pairs for {axes} axes")
+        freqs = [base ** (-torch.arange(n, dtype=torch.float64) / n) for n in sizes]
+        self.register_buffer("freqs", torch.cat(freqs), persistent=False)
+        self.register_buffer("axis_of_pair", torch.repeat_interleave(torch.arange(axes), torch.tensor(sizes)),
+                             persistent=False)
+        self.axes = axes
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N, axes] integer -> (cos, sin) [N, head_dim/2] in ``dtype``."""
+        if positions.dim() != 2 or positions.shape[1] != self.axes:
+            raise ValueError(f"positions must be [N, {self.axes}], got {tuple(positions.shape)}")
+        angles = positions.to(torch.float64)[:, self.axis_of_pair] * self.freqs.to(torch.float64)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [N, H, d], rope (cos, sin) [N, d/2]: rotates each adjacent pair (x[2i], x[2i+1])."""
+    cos, sin = (t[:, None, :] for t in rope)
+    pairs = x.unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal self-attention over packed sequences, GQA capable, with RoPE and an optional KV cache."""
+
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, width // num_heads
+        self.qkv = nn.Linear(width, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(num_heads * self.head_dim, width, bias=False)
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+        """x [N, D]; rope (cos, sin) [N, d/2]; either cu_seqlens int32 [B+1] + max_seqlen (training) or
+        cache = (KVCache, layer) after KVCache.begin (incremental). Returns [N, D]."""
+        q, k, v = self.qkv(x).unflatten(-1, (-1, self.head_dim)).split(
+            [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is None:
+            out = dk.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      causal=True)
+        else:
+            kv_cache, layer = cache
+            out = kv_cache.attend(layer, q, k, v)
+        return self.out(out.flatten(1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm x), then + mlp(norm x)."""
+
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(width, eps), RMSNorm(width, eps)
+        self.attn = Attention(width, num_heads, num_kv_heads)
+        self.mlp = SwiGLU(width, mlp_hidden)
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Stack(nn.Module):
+    """``layers`` Blocks applied in order; layer i uses KV-cache layer ``cache_offset + i``."""
+
+    def __init__(self, layers: int, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, num_heads, num_kv_heads, mlp_hidden, eps) for _ in range(layers))
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cu_seqlens, max_seqlen, None if cache is None else (cache, i))
+        return x
+
+
+def stack_from(config, layers: int) -> Stack:
+    return Stack(layers, config.width, config.num_heads, config.num_kv_heads, config.mlp_hidden, config.norm_eps)
+
+
+class PatchRefiner(nn.Module):
+    """Refines each patch's initial vector by cross-attention to its own tokens, then an MLP.
+
+    patches [P, D] (one query per patch), tokens [N, D] packed, cu_tokens int32 [P+1] -> [P, D].
+    """
+
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, width // num_heads
+        self.query_norm, self.token_norm, self.mlp_norm = (RMSNorm(width, eps) for _ in range(3))
+        self.q = nn.Linear(width, num_heads * self.head_dim, bias=False)
+        self.kv = nn.Linear(width, 2 * num_kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(num_heads * self.head_dim, width, bias=False)
+        self.mlp = SwiGLU(width, mlp_hidden)
+
+    def forward(self, patches, tokens, cu_tokens, max_patch_length: int):
+        num_patches = patches.shape[0]
+        q = self.q(self.query_norm(patches)).unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = self.kv(self.token_norm(tokens)).unflatten(-1, (-1, self.head_dim)).chunk(2, dim=1)
+        cu_queries = torch.arange(num_patches + 1, dtype=torch.int32, device=patches.device)
+        attended = dk.varlen_attention(q, k, v, cu_queries, cu_tokens, 1, max_patch_length, causal=False)
+        patches = patches + self.out(attended.flatten(1))
+        return patches + self.mlp(self.mlp_norm(patches))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """LlamaGen init: normal(0, std) for Linear and Embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def grid_positions(token_index: torch.Tensor, grid_width: int) -> torch.Tensor:
+    """token_index [N] (raster index inside its image) -> int64 [N, 2] (row, col)."""
+    token_index = token_index.long()
+    return torch.stack([token_index // grid_width, token_index % grid_width], dim=1)
+
+
+def dense_cu_seqlens(batch: int, length: int, device) -> torch.Tensor:
+    """int32 [batch+1] offsets of ``batch`` packed sequences of equal ``length``."""
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length

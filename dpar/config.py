@@ -1,0 +1,106 @@
+"""Model configurations: DPAR / LlamaGen sizes (B, L, XL), a tiny CPU config, and the entropy model's config."""
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a DPAR model (the baseline uses encoder + global + decoder layers as one token-level stack)."""
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid_height: int = 16
+    grid_width: int = 16
+    width: int = 768
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    encoder_layers: int = 1
+    global_layers: int = 8
+    decoder_layers: int = 3
+    mlp_ratio: float = 4.0
+    mlp_multiple_of: int = 256
+    class_dropout: float = 0.1
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        for name in ("vocab_size", "num_classes", "grid_height", "grid_width", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_height * self.grid_width
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden size as in LLaMA/LlamaGen: 2/3 of mlp_ratio * width, rounded up to mlp_multiple_of."""
+        hidden = int(2 * self.mlp_ratio * self.width / 3)
+        return -(-hidden // self.mlp_multiple_of) * self.mlp_multiple_of
+
+    @property
+    def total_layers(self) -> int:
+        return self.encoder_layers + self.global_layers + self.decoder_layers
+
+
+@dataclass(frozen=True)
+class EntropyConfig:
+    """Sizes of the unconditional token-level GPT that scores next-token entropies."""
+    vocab_size: int = 16384
+    grid_height: int = 16
+    grid_width: int = 16
+    width: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    layers: int = 8
+    mlp_ratio: float = 4.0
+    mlp_multiple_of: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    head_dim = ModelConfig.head_dim
+    tokens_per_image = ModelConfig.tokens_per_image
+    mlp_hidden = ModelConfig.mlp_hidden
+
+
+_TINY = dict(vocab_size=64, num_classes=10, grid_height=4, grid_width=4, width=64, num_heads=4, num_kv_heads=4,
+             encoder_layers=1, global_layers=2, decoder_layers=1, mlp_multiple_of=16)
+MODEL_CONFIGS = {
+    "tiny": ModelConfig(**_TINY),
+    "B": ModelConfig(width=768, num_heads=12, num_kv_heads=12, encoder_layers=1, global_layers=8, decoder_layers=3),
+    "L": ModelConfig(width=1024, num_heads=16, num_kv_heads=16, encoder_layers=1, global_layers=19,
+                     decoder_layers=4),
+    "XL": ModelConfig(width=1280, num_heads=20, num_kv_heads=20, encoder_layers=1, global_layers=30,
+                      decoder_layers=5),
+}
+ENTROPY_CONFIGS = {
+    "entropy-tiny": EntropyConfig(vocab_size=64, grid_height=4, grid_width=4, width=64, num_heads=4, num_kv_heads=4,
+                                  layers=2, mlp_multiple_of=16),
+    "entropy": EntropyConfig(),
+}
+
+
+def get_config(name: str, **overrides):
+    """A named config with fields replaced by ``overrides``.
+
+    Names: "tiny", "B", "L", "XL" (ModelConfig; "tiny" runs on CPU) and "entropy", "entropy-tiny" (EntropyConfig).
+    """
+    configs = {**MODEL_CONFIGS, **ENTROPY_CONFIGS}
+    if name not in configs:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(configs)}")
+    try:
+        return replace(configs[name], **overrides)
+    except TypeError as exc:
+        raise TypeError(f"bad override for config {name!r}: {exc}") from None
