@@ -87,12 +87,13 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
 def step_flops(kind: str, model: nn.Module, batch, patches) -> float:
     """Training FLOPs (forward + backward) of one step on this rank's batch: dpar.flops for DPAR and the baseline,
     a FlopCounterMode count of one step of a scratch copy for the entropy model (its steps all cost the same)."""
-    from . import flops
     if kind == "dpar":
+        from . import flops
         from .patcher import PatchBatch
         return float(flops.dpar_training_flops(model.config, PatchBatch.from_lengths(*patches, model.config.grid_width))
                      ["total"])
     if kind == "baseline":
+        from . import flops
         return float(flops.baseline_training_flops(model.config, batch[0].shape[0])["total"])
     from torch.utils.flop_counter import FlopCounterMode
     probe = build_model(kind, dataclasses.asdict(model.config)).to(batch[0].device)
