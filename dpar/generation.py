@@ -1,0 +1,174 @@
+"""Batched sampling with KV caches: O(T) incremental steps per image, never a full recomputation per token.
+
+Classifier-free guidance doubles the batch: rows [0, B) carry the labels, rows [B, 2B) the null class; both
+rows of a pair receive the same sampled token and share patch boundaries.
+"""
+import torch
+
+from .blocks import grid_positions
+from .kv_cache import KVCache
+from .patcher import PatchBatch
+from .sampling import guided_logits, sample_logits
+
+
+def _labels(model, class_labels, cfg_scale: float) -> torch.Tensor:
+    """class_labels int [B] -> the labels of every row (doubled with the null class when cfg_scale != 1)."""
+    labels = torch.as_tensor(class_labels, dtype=torch.long, device=model.head.weight.device)
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ValueError("class_labels must be a non-empty 1-D sequence of class indices")
+    if int(labels.min()) < 0 or int(labels.max()) > model.config.num_classes:
+        raise ValueError(f"class_labels must be in [0, {model.config.num_classes}]")
+    return model.class_embed.with_null(labels) if cfg_scale != 1.0 else labels
+
+
+def _cache(model, layers: int, rows: int, capacity: int) -> KVCache:
+    c, weight = model.config, model.head.weight
+    return KVCache(layers, rows, capacity, c.num_kv_heads, c.head_dim, weight.dtype, weight.device)
+
+
+def _next_tokens(logits, batch: int, cfg_scale: float, sampling: dict) -> torch.Tensor:
+    """logits [rows, V] -> sampled tokens [batch] (guided when the rows are doubled)."""
+    if logits.shape[0] != batch:
+        logits = guided_logits(logits, cfg_scale)
+    return sample_logits(logits, **sampling)
+
+
+def _repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] == rows else torch.cat([x, x])
+
+
+@torch.no_grad()
+def generate_baseline(model, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
+                      generator=None) -> torch.Tensor:
+    """LlamaGenBaseline sampling -> tokens int64 [B, H*W]."""
+    labels = _labels(model, class_labels, cfg_scale)
+    rows, length = labels.numel(), model.config.tokens_per_image
+    batch = rows if cfg_scale == 1.0 else rows // 2
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    cache = _cache(model, model.config.total_layers, rows, length)
+    tokens = torch.empty(batch, length, dtype=torch.long, device=labels.device)
+    inputs = model.class_embed(labels)
+    for t in range(length):
+        cache.begin(torch.ones(rows, dtype=torch.long, device=labels.device))
+        logits = model.run(inputs, torch.full((rows,), t, device=labels.device), cache=cache)
+        cache.commit()
+        tokens[:, t] = _next_tokens(logits, batch, cfg_scale, sampling)
+        inputs = model.token_embed(_repeat_rows(tokens[:, t], rows))
+    return tokens
+
+
+class _OpenPatches:
+    """Tracks the patch each image is filling: start token, and the lengths of its finished patches."""
+
+    def __init__(self, batch: int, max_patch_size: int, grid_width: int, device):
+        self.start = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = [[] for _ in range(batch)]
+        self.max_patch_size, self.grid_width = max_patch_size, grid_width
+
+    def starts_at(self, t: int, previous_entropy: torch.Tensor, threshold) -> torch.Tensor:
+        """bool [B]: token t starts a new patch (same rules as dk.entropy_patch_lengths)."""
+        if t % self.grid_width == 0:
+            return torch.ones_like(self.start, dtype=torch.bool)
+        return (previous_entropy.double() > threshold) | (t - self.start == self.max_patch_size)
+
+    def close(self, images: torch.Tensor, t: int) -> None:
+        """Ends the open patch of ``images`` before token t and opens one at t."""
+        for b, start in zip(images.tolist(), self.start[images].tolist()):
+            self.finished[b].append(t - start)
+        self.start[images] = t
+
+    def patch_batch(self) -> PatchBatch:
+        lengths = torch.tensor([n for image in self.finished for n in image], dtype=torch.int32)
+        counts = torch.tensor([len(image) for image in self.finished], dtype=torch.int32)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])
+        return PatchBatch.from_lengths(lengths, cu, self.grid_width).to(self.start.device)
+
+
+def _thresholds(threshold, batch: int, device) -> torch.Tensor:
+    """float or [B] tensor -> float64 [B]."""
+    if isinstance(threshold, torch.Tensor):
+        if threshold.shape != (batch,):
+            raise ValueError(f"threshold must be a float or a [B={batch}] tensor, got shape {tuple(threshold.shape)}")
+        return threshold.to(device=device, dtype=torch.float64)
+    return torch.full((batch,), float(threshold), dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_size: int, cfg_scale=1.0,
+                  temperature=1.0, top_k=None, top_p=None, generator=None) -> tuple[torch.Tensor, PatchBatch]:
+    """DPAR sampling with patch boundaries decided online from the entropy model.
+
+    Per token t: if t starts a patch, the finished patches of those images are embedded and appended to the
+    global sequence (one cached global step for just those rows); the decoder then predicts token t from the
+    encoder state of token t-1 and the global output before t's patch; the sampled token feeds the encoder
+    and the entropy model. Returns tokens int64 [B, H*W] and the PatchBatch of the patches used.
+    """
+    c = model.config
+    if isinstance(max_patch_size, bool) or not isinstance(max_patch_size, int) or max_patch_size < 1:
+        raise ValueError(f"max_patch_size must be an int >= 1, got {max_patch_size!r}")
+    if entropy_model.config.grid_width != c.grid_width or entropy_model.config.vocab_size != c.vocab_size:
+        raise ValueError("entropy_model must share the model's grid width and vocabulary")
+    labels = _labels(model, class_labels, cfg_scale)
+    rows, length, device = labels.numel(), c.tokens_per_image, labels.device
+    batch = rows if cfg_scale == 1.0 else rows // 2
+    thresholds = _thresholds(threshold, batch, device)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    encoder_cache = _cache(model, c.encoder_layers, rows, length)
+    global_cache = _cache(model, c.global_layers, rows, length + 1)
+    decoder_cache = _cache(model, c.decoder_layers, rows, length)
+    entropy_cache = entropy_model.new_cache(batch, device, entropy_model.head.weight.dtype)
+    all_rows = torch.ones(rows, dtype=torch.long, device=device)
+
+    global_cache.begin(all_rows)
+    class_out = model.run_global(model.class_embed(labels), torch.zeros(rows, 3, dtype=torch.long, device=device),
+                                 cache=global_cache)
+    global_cache.commit()
+    condition = model.decoder_condition(class_out)  # [rows, layers*D]: condition of each row's open patch
+    states = torch.empty(rows, length, c.width, dtype=condition.dtype, device=device)  # encoder outputs
+    tokens = torch.empty(batch, length, dtype=torch.long, device=device)
+    patches = _OpenPatches(batch, max_patch_size, c.grid_width, device)
+    entropy = None
+    for t in range(length):
+        if t > 0:
+            images = patches.starts_at(t, entropy, thresholds).nonzero().squeeze(1)
+            if images.numel():
+                _append_patches(model, global_cache, condition, states, images, patches.start[images], t, batch,
+                                rows)
+                patches.close(images, t)
+        decoder_cache.begin(all_rows)
+        previous = model.decoder_start.expand(rows, -1).to(states.dtype) if t == 0 else states[:, t - 1]
+        positions = grid_positions(torch.full((rows,), t, device=device), c.grid_width)
+        rope = model.token_rope(positions, states.dtype)
+        logits = model.decode(previous, condition, rope, cache=decoder_cache)
+        decoder_cache.commit()
+        tokens[:, t] = _next_tokens(logits, batch, cfg_scale, sampling)
+
+        encoder_cache.begin(all_rows)
+        embedded = model.token_embed(_repeat_rows(tokens[:, t], rows))
+        states[:, t] = model.encoder(embedded, rope, cache=encoder_cache)
+        encoder_cache.commit()
+        if t + 1 < length:
+            entropy = entropy_model.step(entropy_cache, tokens[:, t])
+    patches.close(torch.arange(batch, device=device), length)
+    return tokens, patches.patch_batch()
+
+
+def _append_patches(model, global_cache, condition, states, images, starts, t: int, batch: int, rows: int):
+    """Embeds the patches [starts, t) of ``images`` (and their CFG twins), runs one cached global step for
+    those rows and stores the new decoder conditions in ``condition`` (in place)."""
+    row_ids = images if rows == batch else torch.cat([images, images + batch])
+    starts = _repeat_rows(starts, row_ids.numel())
+    lengths = t - starts
+    cu_tokens = torch.zeros(row_ids.numel() + 1, dtype=torch.int32, device=states.device)
+    cu_tokens[1:] = lengths.cumsum(0)
+    owner = torch.repeat_interleave(torch.arange(row_ids.numel(), device=states.device), lengths)
+    token = starts[owner] + torch.arange(owner.numel(), device=states.device) - (cu_tokens[:-1].long())[owner]
+    vectors = model.embed_patches(states[row_ids[owner], token], cu_tokens, int(lengths.max()))
+    grid_width = model.config.grid_width
+    positions = torch.stack([starts // grid_width, starts % grid_width, starts % grid_width + lengths - 1], dim=1)
+    counts = torch.zeros(rows, dtype=torch.long, device=states.device)
+    counts[row_ids] = 1
+    global_cache.begin(counts)
+    out = model.run_global(vectors, positions, cache=global_cache)
+    global_cache.commit()
+    condition[row_ids] = model.decoder_condition(out)
