@@ -149,8 +149,8 @@ def _patch_source(args, dataset, device) -> PatchSource | None:
 
 
 def train(args: argparse.Namespace, on_step=None) -> list[dict]:
-    """Run (or resume) training as ``args`` say; returns the log records. ``on_step(record)`` is called after
-    every step (after the checkpoint of that step is written)."""
+    """Run (or resume) training as ``args`` say; returns the log records. ``on_step(record, model)`` is called
+    after every step (after the checkpoint of that step is written)."""
     if args.steps is None and args.flop_budget is None:
         raise ValueError("give --steps or --flop-budget (or both)")
     env = Distributed(args.device)
@@ -240,7 +240,7 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if on_step is not None:
-            on_step(record)
+            on_step(record, model)
     progress.close()
     if env.world > 1:
         dist.barrier()
