@@ -17,6 +17,7 @@ from . import data, evaluate, patchify, sample, train
 from .builders import load_model
 from .tokenizer import PaletteTokenizer
 
+MODEL_OVERRIDES = ("num_heads=2", "num_kv_heads=2")  # the tiny presets with head_dim 32
 QUICK = dict(train_images=48, val_images=16, image_size=16, grid=4, colors=16, steps=2, entropy_steps=2,
              batch_size=8, samples_per_class=1)
 
@@ -25,7 +26,7 @@ def _train(kind: str, data_dir: str, out: str, steps: int, batch_size: int, seed
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     argv = [kind, "--data", data_dir, "--out", out, "--steps", str(steps), "--batch-size", str(batch_size),
-            "--seed", str(seed), "--quiet", "--device", "cpu", *extra]
+            "--seed", str(seed), "--quiet", "--device", "cpu", "--override", *MODEL_OVERRIDES, *extra]
     return train.train(parser.parse_args(argv))
 
 
@@ -122,9 +123,9 @@ def _sample_grid(model, kind, entropy_model, threshold, max_patch_size, tokenize
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (report.md, PNGs, checkpoints, data)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
-    parser.add_argument("--steps", type=int, default=150, help="training steps of DPAR and the baseline")
-    parser.add_argument("--entropy-steps", type=int, default=150)
-    parser.add_argument("--train-images", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=100, help="training steps of DPAR and the baseline")
+    parser.add_argument("--entropy-steps", type=int, default=100)
+    parser.add_argument("--train-images", type=int, default=1024)
     parser.add_argument("--val-images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32, help="crop size in pixels")
     parser.add_argument("--grid", type=int, default=16, help="token grid side")
