@@ -46,17 +46,17 @@ class AxialRope(nn.Module):
         sizes = [pairs // axes + (1 if a < pairs % axes else 0) for a in range(axes)]
         if min(sizes) < 1:
             raise ValueError(f"head_dim {head_dim} has too few rotary pairs for {axes} axes")
-        freqs = [base ** (-torch.arange(n, dtype=torch.float64) / n) for n in sizes]
-        self.register_buffer("freqs", torch.cat(freqs), persistent=False)
-        self.register_buffer("axis_of_pair", torch.repeat_interleave(torch.arange(axes), torch.tensor(sizes)),
-                             persistent=False)
-        self.axes = axes
+        self.sizes, self.base, self.axes = sizes, base, axes
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N, axes] integer -> (cos, sin) [N, head_dim/2] in ``dtype``."""
+        """positions [N, axes] integer -> (cos, sin) [N, head_dim/2] in ``dtype`` (angles in float64, so
+        casting the model to half precision never rounds the frequencies)."""
         if positions.dim() != 2 or positions.shape[1] != self.axes:
             raise ValueError(f"positions must be [N, {self.axes}], got {tuple(positions.shape)}")
-        angles = positions.to(torch.float64)[:, self.axis_of_pair] * self.freqs.to(torch.float64)
+        options = dict(dtype=torch.float64, device=positions.device)
+        freqs = torch.cat([self.base ** (-torch.arange(n, **options) / n) for n in self.sizes])
+        axis_of_pair = torch.tensor([a for a, n in enumerate(self.sizes) for _ in range(n)], device=positions.device)
+        angles = positions.to(torch.float64)[:, axis_of_pair] * freqs
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

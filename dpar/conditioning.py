@@ -37,6 +37,8 @@ def check_tokens_labels(config, tokens: torch.Tensor, labels: torch.Tensor) -> N
         raise ValueError(f"tokens must have 1..{config.tokens_per_image} tokens per image, got {tokens.shape[1]}")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != tokens.shape[:1]:
         raise TypeError(f"labels must be an int64 tensor [B={tokens.shape[0]}]")
+    if torch.compiler.is_compiling():  # value checks read the device; skip them while tracing
+        return
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size):
         raise ValueError(f"tokens must be in [0, {config.vocab_size})")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > config.num_classes):

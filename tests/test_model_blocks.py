@@ -1,0 +1,50 @@
+"""Building blocks: axial RoPE is relative per axis, the KV cache equals packed causal attention."""
+import torch
+from model_utils import single_thread  # noqa: F401
+
+import dpar_kernels as dk
+from dpar.blocks import AxialRope, apply_rope
+from dpar.kv_cache import KVCache
+from helpers import assert_close
+
+
+def test_axial_rope_depends_only_on_position_differences():
+    rope = AxialRope(head_dim=16, axes=3)
+    q, k = torch.randn(1, 2, 16, dtype=torch.float64), torch.randn(1, 2, 16, dtype=torch.float64)
+
+    def score(pos_q, pos_k):
+        rq = rope(torch.tensor([pos_q]), torch.float64)
+        rk = rope(torch.tensor([pos_k]), torch.float64)
+        return (apply_rope(q, rq) * apply_rope(k, rk)).sum(-1)
+
+    assert_close(score([3, 1, 2], [1, 0, 0]), score([5, 4, 7], [3, 3, 5]), torch.float64)
+    assert not torch.allclose(score([3, 1, 2], [1, 0, 0]), score([3, 1, 3], [1, 0, 0]))  # col_end matters
+    rotated = apply_rope(q, rope(torch.tensor([[2, 5, 9]]), torch.float64))
+    assert_close(rotated.norm(dim=-1), q.norm(dim=-1), torch.float64)
+    assert torch.equal(apply_rope(q, rope(torch.zeros(1, 3, dtype=torch.long), torch.float64)), q)
+
+
+def test_kv_cache_matches_packed_causal_attention():
+    """Appending ragged chunks (some sequences idle) equals one causal pass over the full sequences."""
+    lengths, heads, kv_heads, dim = [5, 0, 7, 3], 4, 2, 8
+    q = [torch.randn(n, heads, dim, dtype=torch.float64) for n in lengths]
+    k = [torch.randn(n, kv_heads, dim, dtype=torch.float64) for n in lengths]
+    v = [torch.randn(n, kv_heads, dim, dtype=torch.float64) for n in lengths]
+    cu = dk.lengths_to_cu_seqlens(torch.tensor(lengths))
+    expected = dk.varlen_attention(torch.cat(q), torch.cat(k), torch.cat(v), cu, cu, 7, 7, causal=True)
+    expected = list(expected.split(lengths))
+
+    cache = KVCache(1, len(lengths), 8, kv_heads, dim, torch.float64, torch.device("cpu"))
+    chunks = [[2, 0, 1, 3], [0, 0, 4, 0], [3, 0, 2, 0]]  # tokens each sequence appends per step
+    done = [0] * len(lengths)
+    for counts in chunks:
+        pieces = [slice(done[b], done[b] + n) for b, n in enumerate(counts)]
+        cache.begin(torch.tensor(counts))
+        out = cache.attend(0, torch.cat([q[b][s] for b, s in enumerate(pieces)]),
+                           torch.cat([k[b][s] for b, s in enumerate(pieces)]),
+                           torch.cat([v[b][s] for b, s in enumerate(pieces)]))
+        cache.commit()
+        for b, part in enumerate(out.split(counts)):
+            assert_close(part, expected[b][pieces[b]], torch.float64)
+        done = [d + n for d, n in zip(done, counts)]
+    assert done == lengths and cache.lengths.tolist() == lengths

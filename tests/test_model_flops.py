@@ -1,0 +1,49 @@
+"""The analytic FLOP model agrees with torch.utils.flop_counter on a real forward + backward."""
+import pytest
+import torch
+from model_utils import patch_batch, random_batch, single_thread, tiny_models  # noqa: F401
+from torch.utils.flop_counter import FlopCounterMode
+
+import dpar
+from dpar import flops
+
+
+def _counted(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_kv_heads=2, decoder_layers=2, encoder_layers=2)],
+                         ids=["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("max_len", [1, 3, 4])
+def test_flop_model_matches_flop_counter(overrides, max_len):
+    config, model, baseline, _ = tiny_models(torch.float32, **overrides)
+    tokens, labels, patches, _ = random_batch(config, images=3, max_len=max_len, seed=max_len)
+    model.train()
+    expected = flops.dpar_training_flops(config, patches)
+    measured = _counted(lambda: model.loss(tokens, labels, patches).backward())
+    assert abs(expected["total"] - measured) <= 0.02 * measured, (expected, measured)
+    expected_base = flops.baseline_training_flops(config, batch_size=3)
+    measured_base = _counted(lambda: baseline.loss(tokens, labels).backward())
+    assert abs(expected_base["total"] - measured_base) <= 0.02 * measured_base, (expected_base, measured_base)
+    # forward alone
+    with torch.no_grad():
+        measured_forward = _counted(lambda: model(tokens, labels, patches))
+    assert abs(expected["forward"] - measured_forward) <= 0.02 * measured_forward
+
+
+def test_flop_breakdown_is_consistent():
+    config = dpar.get_config("B")
+    one_token = patch_batch([[1] * config.tokens_per_image] * 2, config.grid_width)
+    big = patch_batch([[4] * (config.tokens_per_image // 4)] * 2, config.grid_width)
+    small, large = flops.dpar_training_flops(config, big), flops.dpar_training_flops(config, one_token)
+    for result in (small, large):
+        parts = sum(v for k, v in result.items() if k not in ("forward", "backward", "total", "global_tokens"))
+        assert parts == result["total"] == result["forward"] + result["backward"]
+    assert small["global_tokens"] == 2 * (config.tokens_per_image // 4 + 1)
+    assert large["global_tokens"] == 2 * (config.tokens_per_image + 1)
+    assert small["total"] < large["total"]
+    base = flops.baseline_training_flops(config, batch_size=2)
+    assert small["total"] < base["total"], "4-token patches must save FLOPs against the baseline"
+    assert base["total"] > 0 and base["forward"] * 2 < base["backward"] < base["forward"] * 3
