@@ -1,0 +1,198 @@
+"""Datasets of VQ token grids, and the embedded default photographs they can be made from.
+
+On disk a token dataset is the layout LlamaGen's ``extract_codes`` step writes:
+``ROOT/codes/<i>.npy`` (integer codes of one image: [T], [1, T], [H, W], [1, H, W], or with an augmentation /
+ten-crop axis [A, T], [A, H, W], [1, A, T]) and ``ROOT/labels/<i>.npy`` (its class, any shape with one element).
+An optional ``ROOT/meta.json`` gives ``grid_height``, ``grid_width``, ``vocab_size`` and ``num_classes``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+META_FILE = "meta.json"
+EMBEDDED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                   "retina", "stereo_motorcycle")
+
+
+def _numbered_files(folder: str) -> dict[str, str]:
+    """{stem: path} of the ``<stem>.npy`` files in ``folder``."""
+    return {name[:-4]: os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".npy")}
+
+
+def _sort_key(stem: str):
+    return (0, int(stem), "") if re.fullmatch(r"\d+", stem) else (1, 0, stem)
+
+
+def _layout(shape: tuple[int, ...], grid: tuple[int, int] | None, path: str) -> tuple[int, tuple[int, int]]:
+    """(variants, (H, W)) of a codes array of ``shape``; ``grid`` (when known) settles ambiguous 2D shapes.
+
+    A leading axis of size 1 is dropped ([1, T], [1, H, W], [1, A, T]). Then [T] is one flat grid, [A, H, W] holds
+    A variants, and [x, y] is A=x variants of T=y tokens when y == H*W of the known grid, else an x-by-y grid;
+    without a known grid, [x, y] with x != y and a square y is read as variants (LlamaGen's ten-crop).
+    """
+    dims = shape[1:] if len(shape) > 1 and shape[0] == 1 else shape
+    if len(dims) == 1:
+        if grid is None:
+            side = math.isqrt(dims[0])
+            if side * side != dims[0]:
+                raise ValueError(f"cannot infer the grid of {path} (shape {shape}); pass grid_height/grid_width "
+                                 f"or write {META_FILE}")
+            grid = (side, side)
+        return 1, grid
+    if len(dims) == 3:
+        return dims[0], grid or (dims[1], dims[2])
+    if len(dims) != 2:
+        raise ValueError(f"codes file {path} has unsupported shape {shape}")
+    x, y = dims
+    if grid is not None:
+        return (x, grid) if y == grid[0] * grid[1] and (x, y) != tuple(grid) else (1, grid)
+    side = math.isqrt(y)
+    if x != y and side * side == y:
+        return x, (side, side)
+    return 1, (x, y)
+
+
+class TokenGridDataset(Dataset):
+    """Lazily loaded token grids: item i -> (codes int64 [T], label int64 scalar).
+
+    Every augmentation variant of an image is its own item (index space = images x variants), so that the
+    order of training data is a pure function of the sampler. ``vocab_size`` / ``num_classes`` default to
+    meta.json or, without one, to a scan of all files (max + 1).
+    """
+
+    def __init__(self, root: str, grid_height: int | None = None, grid_width: int | None = None,
+                 vocab_size: int | None = None, num_classes: int | None = None):
+        codes_dir, labels_dir = os.path.join(root, "codes"), os.path.join(root, "labels")
+        for folder in (codes_dir, labels_dir):
+            if not os.path.isdir(folder):
+                raise ValueError(f"data root {root!r} has no {os.path.basename(folder)}/ folder")
+        codes, labels = _numbered_files(codes_dir), _numbered_files(labels_dir)
+        if not codes:
+            raise ValueError(f"data root {root!r}: codes/ holds no .npy files")
+        missing = sorted(set(codes) - set(labels))
+        if missing:
+            raise ValueError(f"data root {root!r}: no labels/{missing[0]}.npy for codes/{missing[0]}.npy")
+        self.root = root
+        self.stems = sorted(codes, key=_sort_key)
+        self._codes_paths = [codes[s] for s in self.stems]
+        self._label_paths = [labels[s] for s in self.stems]
+        meta = self._read_meta(root)
+        known = (grid_height or meta.get("grid_height"), grid_width or meta.get("grid_width"))
+        first_shape = np.load(self._codes_paths[0], mmap_mode="r").shape
+        self.variants, grid = _layout(first_shape, None if None in known else known, self._codes_paths[0])
+        self.grid_height, self.grid_width = int(grid[0]), int(grid[1])
+        self.tokens_per_image = self.grid_height * self.grid_width
+        self.vocab_size = vocab_size or meta.get("vocab_size")
+        self.num_classes = num_classes or meta.get("num_classes")
+        if self.vocab_size is None or self.num_classes is None:
+            self._scan_sizes()
+
+    @staticmethod
+    def _read_meta(root: str) -> dict:
+        path = os.path.join(root, META_FILE)
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
+    def _variants(self, image: int) -> np.ndarray:
+        """codes of one image as [A, T] (memory-mapped), checked against the dataset's layout."""
+        path = self._codes_paths[image]
+        codes = np.load(path, mmap_mode="r")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes file {path} has dtype {codes.dtype}; codes must be integers")
+        variants = codes.reshape(-1, self.tokens_per_image) if codes.size % self.tokens_per_image == 0 else codes
+        if variants.shape != (self.variants, self.tokens_per_image):
+            raise ValueError(f"codes file {path} has shape {codes.shape}; expected {self.variants} variant(s) of "
+                             f"{self.grid_height}x{self.grid_width}={self.tokens_per_image} tokens")
+        return variants
+
+    def _scan_sizes(self) -> None:
+        max_code = max_label = -1
+        for i in range(len(self.stems)):
+            max_code = max(max_code, int(self._variants(i).max()))
+            max_label = max(max_label, self._label(i))
+        self.vocab_size = self.vocab_size or max_code + 1
+        self.num_classes = self.num_classes or max_label + 1
+
+    def _label(self, image: int) -> int:
+        label = np.load(self._label_paths[image])
+        if label.size != 1:
+            raise ValueError(f"labels file {self._label_paths[image]} must hold one label, has shape {label.shape}")
+        return int(label.reshape(()))
+
+    def __len__(self) -> int:
+        return len(self.stems) * self.variants
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        image, variant = divmod(index, self.variants)
+        codes = torch.from_numpy(np.array(self._variants(image)[variant], dtype=np.int64))
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
+            raise ValueError(f"codes file {self._codes_paths[image]} has codes outside [0, {self.vocab_size})")
+        return codes, torch.tensor(self._label(image), dtype=torch.int64)
+
+
+def write_token_dataset(root: str, codes: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                        num_classes: int) -> None:
+    """Write codes [N, H, W] and labels [N] in the extract_codes layout (codes/<i>.npy as [1, H*W])."""
+    if codes.ndim != 3 or labels.shape != codes.shape[:1]:
+        raise ValueError(f"codes must be [N, H, W] and labels [N]; got {tuple(codes.shape)} and {tuple(labels.shape)}")
+    os.makedirs(os.path.join(root, "codes"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
+    flat = codes.reshape(codes.shape[0], 1, -1).cpu().numpy().astype(np.int32 if vocab_size > 32767 else np.int16)
+    for i in range(codes.shape[0]):
+        np.save(os.path.join(root, "codes", f"{i}.npy"), flat[i])
+        np.save(os.path.join(root, "labels", f"{i}.npy"), np.array([int(labels[i])], dtype=np.int64))
+    meta = {"grid_height": codes.shape[1], "grid_width": codes.shape[2], "vocab_size": vocab_size,
+            "num_classes": num_classes}
+    with open(os.path.join(root, META_FILE), "w") as f:
+        json.dump(meta, f)
+
+
+def load_embedded_photos() -> list[tuple[str, torch.Tensor]]:
+    """The colour photographs shipped inside scikit-image that load offline: [(name, float32 [3, H, W] in [0, 1])]."""
+    import skimage.data
+
+    photos = []
+    for name in EMBEDDED_PHOTOS:
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception:  # a photo that needs a download (pooch) is simply not part of the default set
+            continue
+        image = image[0] if isinstance(image, tuple) else image
+        photos.append((name, torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255))
+    if len(photos) < 2:
+        raise RuntimeError("fewer than two scikit-image photographs load offline; install scikit-image fully")
+    return photos
+
+
+def random_crops(photos: list[tuple[str, torch.Tensor]], count: int, size: int, seed: int,
+                 min_scale: float = 0.15, max_scale: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random square crops (area fraction in [min_scale, max_scale] of the shorter side squared,
+    random horizontal flip) resized to size x size, labelled by source photo (classes balanced round-robin).
+
+    Returns images float32 [count, 3, size, size] in [0, 1] and labels int64 [count]. Deterministic in ``seed``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.empty(count, 3, size, size)
+    labels = torch.arange(count) % len(photos)
+    for i in range(count):
+        photo = photos[int(labels[i])][1]
+        _, height, width = photo.shape
+        scale = min_scale + (max_scale - min_scale) * float(torch.rand((), generator=generator))
+        side = max(size, int(min(height, width) * math.sqrt(scale)))
+        top = int(torch.randint(0, height - side + 1, (), generator=generator))
+        left = int(torch.randint(0, width - side + 1, (), generator=generator))
+        crop = photo[None, :, top:top + side, left:left + side]
+        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+        images[i] = crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop
+    return images.clamp_(0, 1), labels

@@ -1,0 +1,207 @@
+"""`dpar evaluate`: tokens per image and reduction, held-out NLL per token, training FLOPs to a target loss, FID.
+
+FID: ``frechet_distance`` / ``fid`` work with any feature extractor (images float [B, 3, H, W] in [0, 1] ->
+features [B, F]); the standard Inception-v3 extractor comes from torch-fidelity and only from local weights
+(``inception_extractor``), never from a download.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def patch_statistics(patch_lengths: torch.Tensor, cu_patches: torch.Tensor, tokens_per_image: int) -> dict:
+    """Global tokens per image (mean, min, max) and reduction T / mean patches vs the fixed grid."""
+    per_image = (cu_patches[1:] - cu_patches[:-1]).double()
+    mean = float(per_image.mean()) if per_image.numel() else 0.0
+    return {"tokens_per_image": tokens_per_image, "patches_per_image": mean,
+            "patches_min": int(per_image.min()) if per_image.numel() else 0,
+            "patches_max": int(per_image.max()) if per_image.numel() else 0,
+            "reduction": tokens_per_image / mean if mean else float("nan"),
+            "mean_patch_length": float(patch_lengths.double().mean()) if patch_lengths.numel() else 0.0}
+
+
+@torch.no_grad()
+def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, device="cpu") -> float:
+    """Mean NLL per token (nats) of ``dataset`` under a train.LossModule, weighted by batch size.
+
+    Class-label dropout is off (eval mode); ``patch_source`` (train.PatchSource) cuts DPAR patches.
+    """
+    from .train import load_batch
+
+    was_training = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(dataset)))
+        tokens, labels = load_batch(dataset, indices)
+        tokens, labels = tokens.to(device), labels.to(device)
+        patches = () if patch_source is None else tuple(t.to(device) for t in patch_source(indices, tokens))
+        total += float(loss_module(tokens, labels, *patches)) * len(indices)
+        count += len(indices)
+    loss_module.train(was_training)
+    return total / max(count, 1)
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def flops_to_target(records: list[dict], target: float, key: str = "loss", smoothing: int = 1) -> float | None:
+    """Cumulative training FLOPs at the first step whose ``key`` (averaged over the last ``smoothing`` records that
+    have it) is <= target; None when the run never gets there."""
+    window = []
+    for record in records:
+        if key not in record:
+            continue
+        window = (window + [record[key]])[-smoothing:]
+        if len(window) == smoothing and sum(window) / smoothing <= target:
+            return float(record["cum_flops"])
+    return None
+
+
+def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
+
+    tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))), a symmetric PSD matrix (no complex sqrtm needed).
+    """
+    mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    root = _sqrt_psd(sigma1)
+    cross = torch.linalg.eigvalsh(root @ sigma2 @ root).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """features [N, F] -> (mean [F], covariance [F, F]) in float64 (unbiased, as pytorch-fid / torch-fidelity)."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need features [N >= 2, F], got {tuple(features.shape)}")
+    features = features.double()
+    return features.mean(0), torch.cov(features.T).reshape(features.shape[1], features.shape[1])
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, extractor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([extractor(images[i:i + batch_size]).reshape(len(images[i:i + batch_size]), -1).double()
+                      for i in range(0, len(images), batch_size)])
+
+
+def fid(images_a: torch.Tensor, images_b: torch.Tensor, extractor=None, batch_size: int = 64) -> float:
+    """FID between two image sets float [N, 3, H, W] in [0, 1]; ``extractor`` defaults to local Inception-v3."""
+    extractor = extractor or inception_extractor()
+    return frechet_distance(*feature_statistics(extract_features(images_a, extractor, batch_size)),
+                            *feature_statistics(extract_features(images_b, extractor, batch_size)))
+
+
+def inception_extractor(weights_path: str | None = None):
+    """torch-fidelity's Inception-v3 pool features (2048) from local weights: images [B, 3, H, W] in [0, 1].
+
+    Weights: ``weights_path``, else $DPAR_INCEPTION_WEIGHTS, else torch hub's checkpoints folder. RuntimeError
+    explaining how to provide them when torch-fidelity or the file is missing (nothing is downloaded).
+    """
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as error:
+        raise RuntimeError("FID with Inception-v3 needs torch-fidelity: pip install torch-fidelity "
+                           "(or pass your own feature extractor to dpar.evaluate.fid)") from error
+    path = weights_path or os.environ.get("DPAR_INCEPTION_WEIGHTS") or os.path.join(
+        torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"Inception weights not found at {path}. Download {INCEPTION_WEIGHTS} from the "
+                           "torch-fidelity releases on a machine with internet access and pass its path with "
+                           "--inception-weights or $DPAR_INCEPTION_WEIGHTS")
+    network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+    network.eval()
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        return network(as_bytes)[0]
+
+    return extract
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """The metrics ``args`` ask for, as a flat dict (see add_arguments)."""
+    from .builders import load_model
+    from .data import TokenGridDataset
+    from .train import LossModule, PatchSource
+
+    results = {}
+    if args.patches:
+        from .patchify import PatchTable
+        table = PatchTable.load(args.patches)
+        results.update(patch_statistics(table.patch_lengths, table.cu_patches, table.entropies.shape[1]))
+    if args.ckpt:
+        if not args.data:
+            raise ValueError("held-out NLL needs --data")
+        dataset = TokenGridDataset(args.data)
+        model, info = load_model(args.ckpt, args.kind, args.device)
+        source = None
+        if args.kind == "dpar":
+            if not args.entropy_ckpt or args.threshold is None:
+                raise ValueError("evaluating dpar needs --entropy-ckpt and --threshold")
+            entropy_model, _ = load_model(args.entropy_ckpt, "entropy", args.device)
+            source = PatchSource(entropy_model=entropy_model, threshold=args.threshold,
+                                 max_patch_size=args.max_patch_size, grid_width=dataset.grid_width)
+        loss_module = LossModule(args.kind, model, dataset.grid_width)
+        results["heldout_nll"] = heldout_loss(loss_module, dataset, source, args.batch_size, args.device)
+    if args.log and args.target_loss is not None:
+        results["flops_to_target"] = flops_to_target(read_log(args.log), args.target_loss, args.target_key,
+                                                     args.smoothing)
+    if args.fid_real and args.fid_fake:
+        extractor = inception_extractor(args.inception_weights)
+        results["fid"] = fid(_load_images(args.fid_real), _load_images(args.fid_fake), extractor)
+    return results
+
+
+def _load_images(path: str) -> torch.Tensor:
+    """A .pt file holding images float [N, 3, H, W] in [0, 1] (as `dpar sample --save-tensor` writes)."""
+    images = torch.load(path, weights_only=True)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{path} must hold an image tensor [N, 3, H, W]")
+    return images.float()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", choices=("entropy", "dpar", "baseline"), default="dpar")
+    parser.add_argument("--ckpt", help="model checkpoint: held-out NLL per token on --data")
+    parser.add_argument("--data", help="held-out token dataset root")
+    parser.add_argument("--entropy-ckpt", help="dpar: entropy model checkpoint for patches")
+    parser.add_argument("--threshold", type=float, help="dpar: entropy threshold")
+    parser.add_argument("--max-patch-size", type=int, default=4)
+    parser.add_argument("--patches", help="patches file: tokens per image and reduction")
+    parser.add_argument("--log", help="training log.jsonl: FLOPs to reach --target-loss")
+    parser.add_argument("--target-loss", type=float)
+    parser.add_argument("--target-key", default="loss", help="log field compared with the target (loss, val_loss)")
+    parser.add_argument("--smoothing", type=int, default=1, help="average the last N values before comparing")
+    parser.add_argument("--fid-real", help=".pt image tensor [N, 3, H, W] in [0, 1] (reference set)")
+    parser.add_argument("--fid-fake", help=".pt image tensor [N, 3, H, W] in [0, 1] (generated set)")
+    parser.add_argument("--inception-weights", help=f"local path of {INCEPTION_WEIGHTS} (torch-fidelity)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+
+
+def main(args: argparse.Namespace) -> None:
+    results = evaluate(args)
+    for key, value in results.items():
+        print(f"{key}: {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="python -m dpar.evaluate", description=__doc__)
+    add_arguments(cli)
+    main(cli.parse_args())

@@ -1,0 +1,140 @@
+"""`dpar sample`: class-conditional image grids (PNG) from a trained DPAR or baseline, plus entropy / patch maps.
+
+Sampling knobs: --cfg-scale, --temperature, --top-k, --top-p; DPAR may raise --threshold / --max-patch-size above
+their training values (bigger patches, fewer global steps). The patch map shows, per image, the decoded image,
+the entropy H_{i-1} that decided whether token i starts a patch, and the patches (each a coloured box).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+@torch.no_grad()
+def sample_tokens(model, kind: str, labels: torch.Tensor, *, entropy_model=None, threshold=None, max_patch_size=4,
+                  cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, seed=0):
+    """(tokens int64 [B, T], patch_lengths int32 [P] or None, cu_patches int32 [B+1] or None)."""
+    generator = torch.Generator(labels.device).manual_seed(seed)
+    knobs = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    if kind == "baseline":
+        return model.generate(labels, **knobs), None, None
+    if entropy_model is None or threshold is None:
+        raise ValueError("sampling dpar needs an entropy model and a threshold")
+    tokens, patches = model.generate(labels, entropy_model=entropy_model, threshold=threshold,
+                                     max_patch_size=max_patch_size, return_patches=True, **knobs)
+    return tokens, patches.patch_lengths, patches.cu_patches
+
+
+def save_image_grid(images: torch.Tensor, path: str, columns: int, titles: list[str] | None = None) -> None:
+    """images float [N, 3, H, W] in [0, 1] -> one PNG, ``columns`` per row, optional per-row titles."""
+    plt = _pyplot()
+    rows = -(-images.shape[0] // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < images.shape[0]:
+            axis.imshow(images[index].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+        if titles and index % columns == 0 and index // columns < len(titles):
+            axis.set_title(titles[index // columns], fontsize=7, loc="left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def save_patch_map(images: torch.Tensor, entropies: torch.Tensor, patch_lengths: torch.Tensor,
+                   cu_patches: torch.Tensor, grid_width: int, path: str) -> None:
+    """One row per image: image [3, H, W], entropy map of H_{i-1} (nats), patches as coloured boxes."""
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    count, tokens = entropies.shape
+    grid_height = tokens // grid_width
+    figure, axes = plt.subplots(count, 3, figsize=(7.5, 2.4 * count), squeeze=False)
+    deciding = torch.cat([torch.zeros(count, 1), entropies[:, :-1].float().cpu()], dim=1)
+    for b in range(count):
+        axes[b, 0].imshow(images[b].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+        shown = axes[b, 1].imshow(deciding[b].reshape(grid_height, grid_width).numpy(), cmap="magma")
+        figure.colorbar(shown, ax=axes[b, 1], fraction=0.046)
+        lengths = patch_lengths[int(cu_patches[b]):int(cu_patches[b + 1])].tolist()
+        axes[b, 2].imshow(torch.ones(grid_height, grid_width, 3).numpy())
+        start = 0
+        for index, length in enumerate(lengths):
+            row, col = divmod(start, grid_width)
+            axes[b, 2].add_patch(Rectangle((col - 0.5, row - 0.5), length, 1, edgecolor="black", linewidth=0.6,
+                                           facecolor=plt.cm.tab20(index % 20), alpha=0.35 + 0.15 * (length - 1)))
+            start += length
+        axes[b, 2].set_title(f"{len(lengths)} patches / {tokens} tokens", fontsize=8)
+        axes[b, 1].set_title("entropy H(i-1), nats", fontsize=8)
+        for axis in axes[b]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="DPAR or baseline checkpoint")
+    parser.add_argument("--kind", choices=("dpar", "baseline"), default="dpar")
+    parser.add_argument("--tokenizer", required=True, help="palette tokenizer .safetensors (decodes to pixels)")
+    parser.add_argument("--entropy-ckpt", help="entropy model checkpoint (dpar; and for --patch-map)")
+    parser.add_argument("--threshold", type=float, help="dpar: entropy threshold (may exceed the training one)")
+    parser.add_argument("--max-patch-size", type=int, default=4)
+    parser.add_argument("--classes", type=int, nargs="*", help="class labels (default: all classes)")
+    parser.add_argument("--per-class", type=int, default=4, help="images per class (one row each)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=64, help="upsampled size of each decoded image")
+    parser.add_argument("--out", required=True, help="output PNG of the sample grid")
+    parser.add_argument("--patch-map", help="also write an entropy / patch map PNG of the first row")
+    parser.add_argument("--save-tensor", help="also save the images float [N, 3, S, S] (for `dpar evaluate` FID)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(args: argparse.Namespace) -> None:
+    import dpar_kernels as dk
+
+    from .builders import load_model
+    from .tokenizer import PaletteTokenizer
+
+    model, info = load_model(args.ckpt, args.kind, args.device)
+    tokenizer = PaletteTokenizer.load(args.tokenizer)
+    entropy_model = load_model(args.entropy_ckpt, "entropy", args.device)[0] if args.entropy_ckpt else None
+    classes = args.classes if args.classes else list(range(info["config"]["num_classes"]))
+    labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
+    tokens, _, _ = sample_tokens(model, args.kind, labels, entropy_model=entropy_model,
+                                 threshold=args.threshold, max_patch_size=args.max_patch_size,
+                                 cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed)
+    grid = (info["config"]["grid_height"], info["config"]["grid_width"])
+    images = tokenizer.decode(tokens.reshape(-1, *grid).cpu(), args.image_size)
+    save_image_grid(images, args.out, args.per_class, [f"class {c}" for c in classes])
+    if args.save_tensor:
+        torch.save(images, args.save_tensor)
+    if args.patch_map:
+        if entropy_model is None:
+            raise ValueError("--patch-map needs --entropy-ckpt")
+        first = tokens[:args.per_class]
+        entropies = entropy_model.entropies(first).cpu()
+        threshold = args.threshold if args.threshold is not None else float(entropies.median())
+        lengths, cu = dk.entropy_patch_lengths(entropies, threshold=threshold, max_patch_size=args.max_patch_size,
+                                               row_width=grid[1])
+        save_patch_map(images[:args.per_class], entropies, lengths, cu, grid[1], args.patch_map)
+    print(f"{len(labels)} samples -> {args.out}")
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="python -m dpar.sample", description=__doc__)
+    add_arguments(cli)
+    main(cli.parse_args())

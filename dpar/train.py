@@ -1,0 +1,302 @@
+"""`dpar train {entropy,dpar,baseline}`: train a model on a token dataset, resumable, single process or DDP.
+
+AdamW with LlamaGen's defaults (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on matrices only), gradient clipping
+at 1.0, bf16 autocast on GPU (fp32 on CPU). The data order and every random draw of step s are pure functions of
+(seed, s, rank), so a run resumed from a checkpoint continues exactly (bitwise on CPU). DDP starts from torchrun's
+environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU; --batch-size is the global batch. Outputs in --out:
+checkpoint.safetensors (see dpar.checkpoint) and log.jsonl (one JSON record per step).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .builders import KINDS, build_model, load_model, make_config, parse_overrides
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import TokenGridDataset
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+
+
+class LossModule(nn.Module):
+    """forward(tokens, labels, patch_lengths, cu_patches) -> the model's training loss (DDP hooks forward only)."""
+
+    def __init__(self, kind: str, model: nn.Module, grid_width: int):
+        super().__init__()
+        self.kind, self.model, self.grid_width = kind, model, grid_width
+
+    def forward(self, tokens, labels, patch_lengths=None, cu_patches=None):
+        if self.kind == "entropy":
+            return self.model.loss(tokens)
+        if self.kind == "baseline":
+            return self.model.loss(tokens, labels)
+        from .patcher import PatchBatch
+        return self.model.loss(tokens, labels, PatchBatch.from_lengths(patch_lengths, cu_patches, self.grid_width))
+
+
+class PatchSource:
+    """Patches of a batch for DPAR training: from a patchify table, or computed with an entropy model."""
+
+    def __init__(self, table=None, entropy_model=None, threshold=None, max_patch_size=4, grid_width=None):
+        self.table, self.entropy_model = table, entropy_model
+        self.threshold, self.max_patch_size, self.grid_width = threshold, max_patch_size, grid_width
+
+    def __call__(self, indices: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch_lengths int32 [P], cu_patches int32 [B+1]) of items ``indices`` / token grids ``tokens``."""
+        if self.table is not None:
+            return self.table.batch(indices)
+        import dpar_kernels as dk
+        entropies = self.entropy_model.entropies(tokens)
+        return dk.entropy_patch_lengths(entropies, threshold=self.threshold, max_patch_size=self.max_patch_size,
+                                        row_width=self.grid_width)
+
+
+def batch_indices(step: int, global_batch: int, num_items: int, seed: int) -> torch.Tensor:
+    """int64 [global_batch]: the dataset items of ``step`` (one seeded permutation per epoch, last batch dropped)."""
+    per_epoch = num_items // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"batch size {global_batch} exceeds the {num_items} items of the dataset")
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * global_batch:(position + 1) * global_batch]
+
+
+def load_batch(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens int64 [B, T], labels int64 [B]) of dataset items ``indices``."""
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
+
+
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
+    """AdamW with weight decay on parameters of rank >= 2 only (LlamaGen's configure_optimizers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False, foreach=False)
+
+
+def step_flops(kind: str, model: nn.Module, batch, patches) -> float:
+    """Training FLOPs (forward + backward) of one step on this rank's batch: dpar.flops for DPAR and the baseline,
+    a FlopCounterMode count of one step of a scratch copy for the entropy model (its steps all cost the same)."""
+    if kind == "dpar":
+        from . import flops
+        from .patcher import PatchBatch
+        return float(flops.dpar_training_flops(model.config, PatchBatch.from_lengths(*patches, model.config.grid_width))
+                     ["total"])
+    if kind == "baseline":
+        from . import flops
+        return float(flops.baseline_training_flops(model.config, batch[0].shape[0])["total"])
+    from torch.utils.flop_counter import FlopCounterMode
+    probe = build_model(kind, dataclasses.asdict(model.config)).to(batch[0].device)
+    with FlopCounterMode(display=False) as counter:
+        LossModule(kind, probe, 0)(*batch).backward()
+    return float(counter.get_total_flops())
+
+
+class Distributed:
+    """rank / world size / device of this process; initialises torch.distributed under torchrun."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank if self.world > 1 else (self.device.index or 0))
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world
+
+    def sum(self, value: float) -> float:
+        return self.mean(value) * self.world
+
+
+def _read_log(path: str, up_to_step: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def _patch_source(args, dataset, device) -> PatchSource | None:
+    if args.kind != "dpar":
+        return None
+    if args.patches:
+        from .patchify import PatchTable
+        return PatchSource(table=PatchTable.load(args.patches, dataset))
+    if args.entropy_ckpt and args.threshold is not None:
+        entropy_model, _ = load_model(args.entropy_ckpt, "entropy", device)
+        return PatchSource(entropy_model=entropy_model, threshold=args.threshold,
+                           max_patch_size=args.max_patch_size, grid_width=dataset.grid_width)
+    raise ValueError("training dpar needs --patches FILE (from `dpar patchify`) or --entropy-ckpt and --threshold")
+
+
+def train(args: argparse.Namespace, on_step=None) -> list[dict]:
+    """Run (or resume) training as ``args`` say; returns the log records. ``on_step(record, model)`` is called
+    after every step (after the checkpoint of that step is written)."""
+    if args.steps is None and args.flop_budget is None:
+        raise ValueError("give --steps or --flop-budget (or both)")
+    env = Distributed(args.device)
+    dataset = TokenGridDataset(args.data)
+    config = make_config(args.kind, args.size, vocab_size=dataset.vocab_size, num_classes=dataset.num_classes,
+                         grid_height=dataset.grid_height, grid_width=dataset.grid_width,
+                         overrides=parse_overrides(args.override))
+    torch.manual_seed(args.seed)
+    model = build_model(args.kind, config).to(env.device)
+    optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, CHECKPOINT), os.path.join(args.out, LOG)
+    step, cum_flops = 0, 0.0
+    if args.resume and os.path.exists(ckpt_path):
+        info = load_checkpoint(ckpt_path, model, kind=args.kind, config=config, optimizer=optimizer)
+        if info["extra"].get("batch_size") != args.batch_size or info["extra"].get("seed") != args.seed:
+            raise ValueError(f"checkpoint {ckpt_path} was trained with batch size {info['extra'].get('batch_size')} "
+                             f"and seed {info['extra'].get('seed')}; resume with the same values")
+        step, cum_flops = info["step"], info["extra"]["cum_flops"]
+    records = _read_log(log_path, step) if args.resume else []
+    if env.rank == 0:
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    patch_source = _patch_source(args, dataset, env.device)
+    loss_module = LossModule(args.kind, model, dataset.grid_width)
+    trainer = loss_module
+    if env.world > 1:
+        trainer = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if args.compile:
+        trainer = torch.compile(trainer)
+    if args.batch_size % env.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size {env.world}")
+    local_batch = args.batch_size // env.world
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
+                else contextlib.nullcontext())
+    entropy_flops = None
+    progress = _progress(args, step, env.rank)
+    model.train()
+    while (args.steps is None or step < args.steps) and (args.flop_budget is None or cum_flops < args.flop_budget):
+        started = time.perf_counter()
+        indices = batch_indices(step, args.batch_size, len(dataset), args.seed)
+        indices = indices[env.rank * local_batch:(env.rank + 1) * local_batch]
+        tokens, labels = load_batch(dataset, indices)
+        tokens, labels = tokens.to(env.device), labels.to(env.device)
+        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
+        patches = None
+        if patch_source is not None:
+            patches = tuple(t.to(env.device) for t in patch_source(indices, tokens))
+        with autocast:
+            loss = trainer(tokens, labels, *(patches or ()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        if args.kind == "entropy":
+            entropy_flops = entropy_flops or step_flops(args.kind, model, (tokens, labels), patches)
+            flops_now = entropy_flops
+        else:
+            flops_now = step_flops(args.kind, model, (tokens, labels), patches)
+        flops_now = env.sum(flops_now)
+        loss_value = env.mean(float(loss.detach()))
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        elapsed = time.perf_counter() - started
+        step += 1
+        cum_flops += flops_now
+        record = {"step": step, "loss": loss_value, "grad_norm": float(grad_norm), "flops": flops_now,
+                  "cum_flops": cum_flops, "tokens": args.batch_size * dataset.tokens_per_image,
+                  "step_time": elapsed, "tokens_per_s": args.batch_size * dataset.tokens_per_image / elapsed,
+                  "lr": args.lr}
+        if patches is not None:
+            record["global_tokens"] = env.sum(float(patches[0].numel()))
+        if args.eval_data and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            record["val_loss"] = _validation_loss(args, loss_module, patch_source, env)
+        records.append(record)
+        finished = (args.steps is not None and step >= args.steps) or (
+            args.flop_budget is not None and cum_flops >= args.flop_budget)
+        if env.rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % args.ckpt_every == 0 or finished:
+                extra = {"cum_flops": cum_flops, "batch_size": args.batch_size, "seed": args.seed,
+                         "data": os.path.abspath(args.data)}
+                save_checkpoint(ckpt_path, kind=args.kind, config=config, step=step, model=model,
+                                optimizer=optimizer, extra=extra)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if on_step is not None:
+            on_step(record, model)
+    progress.close()
+    if env.world > 1:
+        dist.barrier()
+    return records
+
+
+def _progress(args, step: int, rank: int):
+    from tqdm import tqdm
+    return tqdm(total=args.steps, initial=step, desc=f"train {args.kind}", disable=rank != 0 or args.quiet,
+                dynamic_ncols=True)
+
+
+def _validation_loss(args, loss_module: LossModule, patch_source, env: Distributed) -> float:
+    from .evaluate import heldout_loss
+    dataset = TokenGridDataset(args.eval_data)
+    if patch_source is not None and patch_source.table is not None:
+        raise ValueError("--eval-data with --patches needs on-the-fly patches (--entropy-ckpt and --threshold)")
+    return heldout_loss(loss_module, dataset, patch_source, batch_size=args.batch_size, device=env.device)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=KINDS, help="which model to train")
+    parser.add_argument("--data", required=True, help="token dataset root (codes/, labels/, optional meta.json)")
+    parser.add_argument("--out", required=True, help="output folder (checkpoint.safetensors, log.jsonl)")
+    parser.add_argument("--steps", type=int, help="total optimizer steps")
+    parser.add_argument("--flop-budget", type=float, help="stop once the training FLOPs reach this many")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    parser.add_argument("--size", default="tiny", help="config preset: tiny, B, L, XL")
+    parser.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="config fields to override")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--beta1", type=float, default=0.9)
+    parser.add_argument("--beta2", type=float, default=0.95)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--patches", help="dpar: patches file from `dpar patchify`")
+    parser.add_argument("--entropy-ckpt", help="dpar: entropy model checkpoint, to cut patches on the fly")
+    parser.add_argument("--threshold", type=float, help="dpar: entropy threshold for on-the-fly patches")
+    parser.add_argument("--max-patch-size", type=int, default=4)
+    parser.add_argument("--eval-data", help="held-out token dataset for val_loss")
+    parser.add_argument("--eval-every", type=int, default=0, help="log val_loss every N steps (0: never)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> None:
+    records = train(args)
+    if records and int(os.environ.get("RANK", "0")) == 0:
+        last = records[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}, {last['cum_flops']:.3e} training FLOPs -> {args.out}")
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="python -m dpar.train", description=__doc__)
+    add_arguments(cli)
+    main(cli.parse_args())

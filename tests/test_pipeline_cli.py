@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = ["train", "patchify", "sample", "evaluate", "demo"]
+
+
+def _run(args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command):
+    result = _run(["-m", "dpar", command, "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m dpar " + command in result.stdout and "--" in result.stdout
+
+
+def test_module_aliases_and_top_level_help():
+    result = _run(["-m", "dpar", "--help"])
+    assert result.returncode == 0 and all(c in result.stdout for c in COMMANDS)
+    alias = _run(["-m", "dpar.patchify", "--help"])
+    assert alias.returncode == 0 and "--target-reduction" in alias.stdout
+
+
+def test_demo_quick_writes_report_and_pngs(tmp_path):
+    result = _run(["-m", "dpar", "demo", "--quick", "--out", str(tmp_path)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "| LlamaGen baseline | 16.00 | 1.000x |" in report and "| DPAR |" in report
+    assert report in result.stdout
+    for name in ("samples_dpar.png", "samples_baseline.png", "patch_map.png", "tokenizer.safetensors",
+                 "patches.pt", "dpar/checkpoint.safetensors", "baseline/log.jsonl"):
+        path = tmp_path / name
+        assert path.exists() and path.stat().st_size > 100, name
+    assert (tmp_path / "samples_dpar.png").read_bytes()[:4] == b"\x89PNG"

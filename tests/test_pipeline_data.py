@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpar.data import TokenGridDataset, load_embedded_photos, random_crops, write_token_dataset
+from dpar.tokenizer import PaletteTokenizer, fit_palette
+
+
+def _write(root, stem, codes, label):
+    (root / "codes").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    np.save(root / "codes" / f"{stem}.npy", codes)
+    np.save(root / "labels" / f"{stem}.npy", np.array([label]))
+
+
+@pytest.mark.parametrize("layout", ["flat", "leading1", "grid", "leading1_grid"])
+def test_loader_reads_single_variant_layouts(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    grids = [rng.integers(0, 50, (3, 3)).astype(np.int32) for _ in range(3)]
+    shape = {"flat": (9,), "leading1": (1, 9), "grid": (3, 3), "leading1_grid": (1, 3, 3)}[layout]
+    for i, grid in enumerate(grids):
+        _write(tmp_path, i, grid.reshape(shape), label=i % 2)
+    dataset = TokenGridDataset(str(tmp_path))
+    assert (len(dataset), dataset.grid_height, dataset.grid_width) == (3, 3, 3)
+    assert dataset.vocab_size == max(int(g.max()) for g in grids) + 1 and dataset.num_classes == 2
+    for i, grid in enumerate(grids):
+        codes, label = dataset[i]
+        assert codes.dtype == torch.int64 and torch.equal(codes, torch.from_numpy(grid.reshape(-1)).long())
+        assert int(label) == i % 2
+
+
+def test_loader_ten_crop_axis_and_rectangular_grid_from_meta(tmp_path):
+    rng = np.random.default_rng(1)
+    crops = rng.integers(0, 7, (2, 1, 10, 6)).astype(np.int64)  # [1, A=10, T=6] per image, grid 2x3
+    for i in range(2):
+        _write(tmp_path, i, crops[i], label=i)
+    (tmp_path / "meta.json").write_text(json.dumps({"grid_height": 2, "grid_width": 3, "vocab_size": 7,
+                                                    "num_classes": 2}))
+    dataset = TokenGridDataset(str(tmp_path))
+    assert (len(dataset), dataset.variants, dataset.grid_height, dataset.grid_width) == (20, 10, 2, 3)
+    assert torch.equal(dataset[13][0], torch.from_numpy(crops[1, 0, 3]))
+    assert int(dataset[13][1]) == 1
+
+
+def test_loader_sorts_numerically_and_round_trips_writer(tmp_path):
+    codes = torch.randint(0, 300, (12, 2, 5))
+    labels = torch.randint(0, 3, (12,))
+    write_token_dataset(str(tmp_path), codes, labels, vocab_size=300, num_classes=3)
+    dataset = TokenGridDataset(str(tmp_path))
+    assert dataset.stems[:3] == ["0", "1", "2"] and dataset.stems[-1] == "11"
+    for i in range(12):
+        assert torch.equal(dataset[i][0], codes[i].reshape(-1)) and int(dataset[i][1]) == int(labels[i])
+
+
+def test_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="codes/"):
+        TokenGridDataset(str(tmp_path))
+    _write(tmp_path, 0, np.zeros((1, 16), np.int32), 0)
+    _write(tmp_path, 1, np.zeros((1, 9), np.int32), 0)
+    dataset = TokenGridDataset(str(tmp_path), vocab_size=4, num_classes=1)
+    with pytest.raises(ValueError, match="1.npy"):
+        dataset[1]
+    np.save(tmp_path / "codes" / "2.npy", np.full((1, 16), 9, np.int32))
+    np.save(tmp_path / "labels" / "2.npy", np.array([0]))
+    with pytest.raises(ValueError, match="outside"):
+        TokenGridDataset(str(tmp_path), vocab_size=4, num_classes=1)[2]
+    np.save(tmp_path / "codes" / "3.npy", np.zeros((1, 16), np.int32))
+    with pytest.raises(ValueError, match="labels/3.npy"):
+        TokenGridDataset(str(tmp_path))
+
+
+def test_random_crops_are_deterministic_and_labelled_by_photo():
+    photos = load_embedded_photos()
+    images, labels = random_crops(photos, 10, 16, seed=3)
+    again, _ = random_crops(photos, 10, 16, seed=3)
+    other, _ = random_crops(photos, 10, 16, seed=4)
+    assert images.shape == (10, 3, 16, 16) and torch.equal(images, again) and not torch.equal(images, other)
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
+    assert labels.tolist() == [i % len(photos) for i in range(10)]
+
+
+def test_tokenizer_round_trip_on_a_real_photo(tmp_path):
+    import skimage.data
+    photo = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float()[None] / 255
+    tokenizer = PaletteTokenizer.fit(photo, num_colors=64, grid_size=32, iterations=8)
+    codes = tokenizer.encode(photo)
+    assert codes.shape == (1, 32, 32) and codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < 64 and codes.unique().numel() > 32
+    target = torch.nn.functional.interpolate(photo, size=(32, 32), mode="area")
+    decoded = tokenizer.decode(codes)
+    rmse = float((decoded - target).square().mean().sqrt())
+    assert rmse < 0.05, rmse  # vs ~0.25 for a constant image
+    assert float((target - target.mean()).square().mean().sqrt()) > 0.15
+    assert tokenizer.decode(codes, image_size=128).shape == (1, 3, 128, 128)
+    path = str(tmp_path / "tok.safetensors")
+    tokenizer.save(path)
+    loaded = PaletteTokenizer.load(path)
+    assert loaded.grid_size == 32 and torch.equal(loaded.encode(photo), codes)
+    with pytest.raises(ValueError, match="codes must lie"):
+        tokenizer.decode(torch.full((1, 4, 4), 64))
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        PaletteTokenizer.load(str(tmp_path / "bad.safetensors"))
+
+
+def test_kmeans_recovers_separated_clusters():
+    centres = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.2, 0.2], [0.2, 0.9, 0.3], [0.3, 0.3, 0.9]])
+    pixels = centres.repeat(500, 1) + 0.01 * torch.randn(2000, 3)
+    palette = fit_palette(pixels, 4, iterations=10)
+    distance = torch.cdist(centres, palette).min(1).values
+    assert float(distance.max()) < 0.02

@@ -1,0 +1,133 @@
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dpar_kernels as dk
+from dpar import checkpoint, train
+from dpar.patchify import PatchTable, threshold_for_reduction
+from pipeline_helpers import train_args, write_random_dataset
+
+
+NO_CLASS_DROPOUT = ["class_dropout=0"]
+
+
+class Killed(Exception):
+    pass
+
+
+def _log(out):
+    with open(os.path.join(out, train.LOG)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _weights(out):
+    return checkpoint.read_checkpoint(os.path.join(out, train.CHECKPOINT))[1]
+
+
+@pytest.mark.parametrize("kind", ["baseline", "dpar"])
+def test_resume_after_kill_equals_uninterrupted_run_bitwise(tmp_path, kind):
+    write_random_dataset(tmp_path / "data", count=24)
+    extra = []
+    if kind == "dpar":
+        entropies = torch.rand(24, 16) * 3
+        PatchTable.from_entropies(entropies, 1.5, 4, 4).save(str(tmp_path / "patches.pt"))
+        extra = ["--patches", tmp_path / "patches.pt"]
+    common = [kind, "--data", tmp_path / "data", "--steps", 5, "--batch-size", 8, "--ckpt-every", 2, *extra]
+    full = train.train(train_args(common + ["--out", tmp_path / "full"]))
+
+    def kill_at_step_3(record, model):
+        if record["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.train(train_args(common + ["--out", tmp_path / "resumed"]), on_step=kill_at_step_3)
+    assert [r["step"] for r in _log(tmp_path / "resumed")] == [1, 2, 3]
+    resumed = train.train(train_args(common + ["--out", tmp_path / "resumed", "--resume"]))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert len({r["loss"] for r in full}) > 1
+    for key in ("loss", "grad_norm", "flops", "cum_flops"):
+        assert [r[key] for r in _log(tmp_path / "resumed")] == [r[key] for r in full], key
+    full_weights, resumed_weights = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert full_weights.keys() == resumed_weights.keys()
+    for name in full_weights:
+        assert torch.equal(full_weights[name], resumed_weights[name]), name
+
+
+def test_flop_budget_stops_and_resume_checks_settings(tmp_path):
+    write_random_dataset(tmp_path / "data", count=16)
+    common = ["baseline", "--data", tmp_path / "data", "--batch-size", 8, "--out", tmp_path / "run"]
+    one = train.train(train_args(common + ["--steps", 1]))
+    budget = 2.5 * one[0]["flops"]
+    records = train.train(train_args(common + ["--flop-budget", budget]))
+    assert len(records) == 3 and records[-1]["cum_flops"] >= budget > records[-2]["cum_flops"]
+    with pytest.raises(ValueError, match="batch size 8"):
+        train.train(train_args(common[:-4] + ["--batch-size", 4, "--out", tmp_path / "run", "--steps", 4,
+                                              "--resume"]))
+    with pytest.raises(ValueError, match="--patches"):
+        train.train(train_args(["dpar", "--data", tmp_path / "data", "--out", tmp_path / "d", "--steps", 1]))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, argv, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    live = {}
+    records = train.train(train_args(argv, NO_CLASS_DROPOUT), on_step=lambda record, model: live.update(
+        parameters=torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])))
+    parameters = live["parameters"]
+    torch.save({"records": records, "parameters": parameters}, os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _trained_model(argv):
+    from dpar.builders import load_model
+    out = argv[argv.index("--out") + 1]
+    return load_model(os.path.join(out, train.CHECKPOINT), argv[0])[0]
+
+
+def test_two_process_gloo_ddp_keeps_replicas_in_sync(tmp_path):
+    write_random_dataset(tmp_path / "data", count=16)
+    argv = ["baseline", "--data", str(tmp_path / "data"), "--steps", "2", "--batch-size", "8",
+            "--out", str(tmp_path / "ddp")]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert [r["loss"] for r in rank0["records"]] == [r["loss"] for r in rank1["records"]]
+    # without class dropout (random per rank) DDP on 2 x 4 images must match one process on 8
+    single = train.train(train_args(argv[:-1] + [str(tmp_path / "single")], NO_CLASS_DROPOUT))
+    torch.testing.assert_close([r["loss"] for r in rank0["records"]], [r["loss"] for r in single], rtol=1e-5, atol=0)
+    # every rank holds the same replica after its last step, and rank 0 checkpointed it
+    assert torch.equal(rank0["parameters"], rank1["parameters"])
+    checkpointed = torch.cat([p.detach().reshape(-1) for p in _trained_model(argv).parameters()])
+    assert torch.equal(rank0["parameters"], checkpointed)
+    single_parameters = torch.cat([p.detach().reshape(-1) for p in _trained_model(argv[:-1] + [
+        str(tmp_path / "single")]).parameters()])
+    torch.testing.assert_close(rank0["parameters"], single_parameters, rtol=1e-4, atol=1e-6)
+
+
+def test_patch_table_batches_and_threshold_for_reduction():
+    entropies = torch.rand(10, 16) * 4
+    table = PatchTable.from_entropies(entropies, 2.0, 4, 4)
+    indices = torch.tensor([7, 2, 2, 9])
+    lengths, cu = table.batch(indices)
+    expected_lengths, expected_cu = dk.entropy_patch_lengths(entropies[indices], threshold=2.0, max_patch_size=4,
+                                                             row_width=4)
+    assert torch.equal(lengths, expected_lengths) and torch.equal(cu, expected_cu)
+    threshold = threshold_for_reduction(entropies, 2.0, 4, 4)
+    reached = PatchTable.from_entropies(entropies, threshold, 4, 4)
+    assert reached.reduction >= 2.0
+    lower = entropies.reshape(-1).sort().values
+    below = lower[lower < threshold]
+    if below.numel():
+        assert PatchTable.from_entropies(entropies, float(below[-1]), 4, 4).reduction < 2.0
+    with pytest.raises(ValueError, match="out of reach"):
+        threshold_for_reduction(entropies, 5.0, 4, 4)
