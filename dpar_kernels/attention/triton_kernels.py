@@ -67,12 +67,13 @@ def _key_range(m0, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 @triton.jit
 def _load_lse(lse_ptrs, row_ok, CHECK_ROWS: tl.constexpr):
-    """log2-domain lse of query rows; +inf for rows that see no key or are out of range, so that p = 0 there."""
+    """log2-domain lse of query rows; +inf for out-of-range rows, so that their p = 0.
+
+    A query that sees no key (lse -inf) only meets key tiles that are masked for it, where p is set to 0."""
     if CHECK_ROWS:
         lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
     else:
         lse = tl.load(lse_ptrs)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     return lse * 1.4426950408889634  # log2(e)
 
 
@@ -345,14 +346,16 @@ class _Tiles:
     stages: int
 
 
-# Per-kernel tiles for H100-class GPUs, keyed by (fp32 inputs, head dim > 64). 16-bit inputs use tensor cores
-# with 128 x 64 forward tiles; fp32 (IEEE dot, no tensor cores) uses smaller tiles to fit shared memory.
+# Per-kernel tiles for H100-class GPUs, keyed by (fp32 inputs, head dim > 64); not tuned on hardware yet.
+# 16-bit inputs use tensor cores with 128 x 64 forward tiles; the backward keeps two fp32 accumulators per
+# program (dk and dv) so its tiles are smaller and d > 64 gets 8 warps; fp32 inputs (IEEE dot, no tensor
+# cores) use smaller tiles to fit shared memory and registers.
 _GPU_TILES = {
     "forward": {(False, False): _Tiles(128, 64, 4, 3), (False, True): _Tiles(128, 64, 8, 3),
                 (True, False): _Tiles(64, 32, 4, 2), (True, True): _Tiles(64, 32, 8, 2)},
-    "dkdv": {(False, False): _Tiles(32, 128, 4, 3), (False, True): _Tiles(32, 64, 4, 3),
+    "dkdv": {(False, False): _Tiles(32, 128, 4, 3), (False, True): _Tiles(32, 64, 8, 3),
              (True, False): _Tiles(32, 64, 4, 2), (True, True): _Tiles(16, 64, 8, 2)},
-    "dq": {(False, False): _Tiles(128, 32, 4, 3), (False, True): _Tiles(64, 32, 4, 3),
+    "dq": {(False, False): _Tiles(128, 32, 4, 3), (False, True): _Tiles(64, 32, 8, 3),
            (True, False): _Tiles(64, 32, 4, 2), (True, True): _Tiles(64, 16, 8, 2)},
 }
 _MIN_TILE = 16  # tl.dot needs every block dim >= 16
