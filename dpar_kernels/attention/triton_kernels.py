@@ -177,23 +177,20 @@ def _delta_kernel(Out, dOut, Delta, total_q, stride_ot, stride_oh, stride_dot, s
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, offs_m,
                 offs_d, lo, hi, len_q, len_k, qk_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Adds the query tiles [lo, hi) of one q head to dk, dv [BLOCK_N, BLOCK_D] (transposed scores, P^T).
 
-    Key rows past len_k are zero and never stored, so their columns need no mask here."""
+    Query rows past len_q get p = 0 through their lse (+inf); key rows past len_k are zero and never stored, so
+    their columns need no mask."""
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
         row_ok = rows < len_q
-        q = _load(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load(do_base + rows[:, None] * stride_dot + offs_d[None, :], row_ok, offs_d, HEAD_DIM, BLOCK_D,
-                   MASKED)
-        lse = _load_lse(lse_base + rows, row_ok, MASKED)
-        if MASKED:
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        else:
-            delta = tl.load(delta_base + rows)
+        q = _load(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _load(do_base + rows[:, None] * stride_dot + offs_d[None, :], row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+        lse = _load_lse(lse_base + rows, row_ok, True)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2 - lse[None, :])
-        if MASKED and CAUSAL:
+        if CAUSAL:
             p_t = tl.where(cols[:, None] <= rows[None, :] + (len_k - len_q), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -231,18 +228,14 @@ def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, 
     v = _load(V + k_start64 * stride_vt + kv_head * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
               col_ok, offs_d, HEAD_DIM, BLOCK_D, True)
 
-    # Query tiles: [lo, full_from) straddle the causal diagonal, [full_from, full_to) see every key of the
-    # block, [max(full_from, full_to), q_end) hold the ragged end of the sequence. All bounds are multiples of
-    # BLOCK_M; query j sees key n iff j >= n - (len_k - len_q).
+    # Query tiles from the first that sees a key of the block (causal: query j sees key n iff
+    # j >= n - (len_k - len_q)) to the end. One loop that masks every tile: splitting off the tiles below the
+    # diagonal into an unmasked loop made ptxas spill registers at d = 128 and saves only a select per element.
     q_end = tl.cdiv(len_q, BLOCK_M) * BLOCK_M
-    full_to = (len_q // BLOCK_M) * BLOCK_M
     if CAUSAL:
-        shift = len_k - len_q
-        lo = (tl.maximum(n0 - shift, 0) // BLOCK_M) * BLOCK_M
-        full_from = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(n0 - (len_k - len_q), 0) // BLOCK_M) * BLOCK_M
     else:
         lo = 0
-        full_from = 0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -254,14 +247,8 @@ def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, 
         lse_base = Lse + head * stride_lse_h + q_start
         delta_base = Delta + head * stride_lse_h + q_start
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
-                             offs_m, offs_d, lo, tl.minimum(full_from, q_end), len_q, len_k, qk_scale_log2,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
-                             offs_m, offs_d, full_from, full_to, len_q, len_k, qk_scale_log2,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
-                             offs_m, offs_d, tl.maximum(full_from, full_to), q_end, len_q, len_k, qk_scale_log2,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION)
+                             offs_m, offs_d, lo, q_end, len_q, len_k, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             CAUSAL, PRECISION)
 
     _store(dK + k_start64 * stride_dkt + kv_head * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :],
            dk * softmax_scale, col_ok, offs_d, HEAD_DIM, BLOCK_D)
@@ -346,17 +333,16 @@ class _Tiles:
     stages: int
 
 
-# Per-kernel tiles for H100-class GPUs, keyed by (fp32 inputs, head dim > 64); not tuned on hardware yet.
-# 16-bit inputs use tensor cores with 128 x 64 forward tiles; the backward keeps two fp32 accumulators per
-# program (dk and dv) so its tiles are smaller and d > 64 gets 8 warps; fp32 inputs (IEEE dot, no tensor
-# cores) use smaller tiles to fit shared memory and registers.
+# Per-kernel tiles for H100-class GPUs, keyed by (fp32 inputs, head dim > 64). Not timed on hardware: chosen so
+# that ptxas (sm_90a) reports no register spills, see scripts/triton_attention_ptxas.py. 16-bit inputs use
+# tensor cores; fp32 inputs (IEEE dot, no tensor cores) use smaller tiles.
 _GPU_TILES = {
-    "forward": {(False, False): _Tiles(128, 64, 4, 3), (False, True): _Tiles(128, 64, 8, 3),
-                (True, False): _Tiles(64, 32, 4, 2), (True, True): _Tiles(64, 32, 8, 2)},
-    "dkdv": {(False, False): _Tiles(32, 128, 4, 3), (False, True): _Tiles(32, 64, 8, 3),
-             (True, False): _Tiles(32, 64, 4, 2), (True, True): _Tiles(16, 64, 8, 2)},
-    "dq": {(False, False): _Tiles(128, 32, 4, 3), (False, True): _Tiles(64, 32, 8, 3),
-           (True, False): _Tiles(64, 32, 4, 2), (True, True): _Tiles(64, 16, 8, 2)},
+    "forward": {(False, False): _Tiles(128, 64, 8, 3), (False, True): _Tiles(128, 32, 8, 3),
+                (True, False): _Tiles(32, 32, 4, 2), (True, True): _Tiles(32, 16, 8, 2)},
+    "dkdv": {(False, False): _Tiles(32, 128, 8, 3), (False, True): _Tiles(32, 64, 8, 3),
+             (True, False): _Tiles(16, 64, 8, 2), (True, True): _Tiles(16, 32, 8, 2)},
+    "dq": {(False, False): _Tiles(128, 32, 8, 3), (False, True): _Tiles(64, 32, 8, 3),
+           (True, False): _Tiles(64, 16, 8, 2), (True, True): _Tiles(32, 16, 8, 2)},
 }
 _MIN_TILE = 16  # tl.dot needs every block dim >= 16
 
