@@ -3,8 +3,14 @@
 Checks out, lse and dq/dk/dv for fp32 (IEEE dots: ~1e-5) and fp16 (~1e-2) over ragged batches with empty and
 one-token sequences, a long sequence among short ones, decoding (Lq < Lk), queries that see no key, one-query
 cross-attention, GQA, non-contiguous q/k/v and NaN-poisoned output buffers. bf16 is not run here: the
-interpreter mishandles it. Shapes stay tiny because the interpreter is slow.
+interpreter mishandles it. Shapes stay tiny because the interpreter is slow. One test compiles the kernels for
+an H100 (sm_90a, bf16 included) with Triton's bundled ptxas, which needs no GPU.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -105,6 +111,19 @@ def test_non_contiguous_slices_of_fused_qkv(causal):
     _check([3, 18, 0, 7], [3, 18, 0, 7], hq=2, hk=1, d=32, causal=causal, fused=True)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 64), (torch.float16, 128)])
+def test_gpu_tile_table(monkeypatch, dtype, d, causal):
+    """The interpreter otherwise runs 16 x 16 tiles; here it runs the H100 table's unequal, larger tiles."""
+    from dpar_kernels.attention import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "triton_interpreter", lambda: False)
+    tiles = {kind: triton_kernels._tiles(kind, torch.empty(0, 1, d, dtype=dtype), 45, 50)
+             for kind in ("forward", "dkdv", "dq")}
+    assert len({(t.m, t.n) for t in tiles.values()}) > 1 and any(t.m != t.n for t in tiles.values())
+    _check([2, 45, 0, 17], [3, 50, 4, 17], hq=2, hk=1, d=d, dtype=dtype, causal=causal)
+
+
 @pytest.mark.parametrize("d", [96, 128])
 def test_forward_other_head_dims(d):
     lengths = [1, 7, 20]
@@ -182,3 +201,21 @@ def test_softmax_scale_is_used():
     default_out, _, _ = _reference(q, k, v, torch.zeros_like(q), cu_q, cu_k, 9, 9, True)
     assert_close(out, ref_out, torch.float32)
     assert rel_error(out, default_out) > 100 * TOLERANCE[torch.float32]
+
+
+def _has_nvidia_compiler() -> bool:
+    if not triton_on_cpu():
+        return False
+    import triton
+
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="triton's NVIDIA backend (ptxas) is not installed")
+def test_kernels_compile_for_h100_without_register_spills():
+    """What the interpreter cannot see: GPU compile errors, bf16 lowering and register spills of the tile table."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "triton_attention_ptxas.py"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr

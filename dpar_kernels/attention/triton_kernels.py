@@ -340,11 +340,12 @@ _GPU_TILES = {
     "forward": {(False, False): _Tiles(128, 64, 8, 3), (False, True): _Tiles(128, 32, 8, 3),
                 (True, False): _Tiles(32, 32, 4, 2), (True, True): _Tiles(32, 16, 8, 2)},
     "dkdv": {(False, False): _Tiles(32, 128, 8, 3), (False, True): _Tiles(32, 64, 8, 3),
-             (True, False): _Tiles(16, 64, 8, 2), (True, True): _Tiles(16, 32, 8, 2)},
+             (True, False): _Tiles(16, 64, 8, 2), (True, True): _Tiles(16, 32, 8, 1)},
     "dq": {(False, False): _Tiles(128, 32, 8, 3), (False, True): _Tiles(64, 32, 8, 3),
            (True, False): _Tiles(64, 16, 8, 2), (True, True): _Tiles(32, 16, 8, 2)},
 }
 _MIN_TILE = 16  # tl.dot needs every block dim >= 16
+_DELTA_ROWS, _DELTA_WARPS = 64, 8  # tokens per program of the delta = rowsum(dO * O) kernel
 
 
 def _tiles(kernel: str, q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> _Tiles:
@@ -405,10 +406,11 @@ def backward_into(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqle
     total_q, total_k = q.shape[0], k.shape[0]
     delta = torch.empty((q.shape[1], total_q), dtype=torch.float32, device=q.device)
     if total_q > 0:
-        block_t = _MIN_TILE if triton_interpreter() and q.device.type == "cpu" else 64
+        block_t = _MIN_TILE if triton_interpreter() and q.device.type == "cpu" else _DELTA_ROWS
         _delta_kernel[(triton.cdiv(total_q, block_t), q.shape[1])](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-            delta.stride(0), HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]), BLOCK_T=block_t)
+            delta.stride(0), HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]), BLOCK_T=block_t,
+            num_warps=_DELTA_WARPS)
     common = (softmax_scale, softmax_scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
               v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
     if total_k > 0:
