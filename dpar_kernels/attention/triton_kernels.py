@@ -9,7 +9,7 @@ fp32 statistics in the base-2 domain (exp2). Each program owns one (block, head,
 indices share grid axis 0 because axes 1 and 2 are limited to 65535 and a batch of patches (cross-attention, one
 query per segment) can hold more sequences than that.
 """
-import math
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -370,6 +370,11 @@ def _check_kernel_inputs(q: torch.Tensor) -> None:
         raise ValueError(f"backend 'triton' supports head dims {HEAD_DIMS}, got {q.shape[2]}")
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the device of the data (multi-GPU processes)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _row_major_lse(lse: torch.Tensor) -> torch.Tensor:
     """The kernels index lse/delta [Hq, total_q] with a unit token stride."""
     return lse if lse.stride(-1) == 1 else lse.contiguous()
@@ -385,10 +390,11 @@ def forward_into(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seq
         return
     tiles = _tiles("forward", q, max_seqlen_q, max_seqlen_k)
     n_blocks = triton.cdiv(max_seqlen_q, tiles.m)
-    _forward_kernel[(n_blocks * n_seq, q.shape[1])](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale * _LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), n_blocks, q.shape[1] // k.shape[1], **_constants(q, causal, tiles))
+    with _on_device_of(q):
+        _forward_kernel[(n_blocks * n_seq, q.shape[1])](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), lse.stride(0), n_blocks, q.shape[1] // k.shape[1], **_constants(q, causal, tiles))
 
 
 def backward_into(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -401,7 +407,15 @@ def backward_into(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqle
         dv.zero_()
     if n_seq == 0 or q.shape[1] == 0:
         return
-    lse = _row_major_lse(lse)
+    with _on_device_of(q):
+        _launch_backward(dout, q, k, v, out, _row_major_lse(lse), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, softmax_scale, causal, dq, dk, dv)
+
+
+def _launch_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, causal, dq, dk, dv) -> None:
+    """delta = rowsum(dO * O), then the dK/dV and dQ kernels; arguments as in backward_into."""
+    n_seq = cu_seqlens_q.numel() - 1
     group = q.shape[1] // k.shape[1]
     total_q, total_k = q.shape[0], k.shape[0]
     delta = torch.empty((q.shape[1], total_q), dtype=torch.float32, device=q.device)
