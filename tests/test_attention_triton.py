@@ -185,12 +185,20 @@ def test_unsupported_head_dim_raises():
     q, k, v, cu_q, cu_k = _inputs([3], [3], 2, 1, 48, torch.float32)
     with pytest.raises(ValueError, match="head dim 48"):
         dk.varlen_attention(q, k, v, cu_q, cu_k, 3, 3, backend="triton")
+    from dpar_kernels.attention import triton_kernels
+
+    with pytest.raises(ValueError, match="head dims"):
+        triton_kernels.varlen_attention(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 3, 3, 0.1, True)
 
 
 def test_float64_raises():
+    from dpar_kernels.attention import triton_kernels
+
     q, k, v, cu_q, cu_k = _inputs([3], [3], 2, 1, 32, torch.float64)
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         dk.varlen_attention(q, k, v, cu_q, cu_k, 3, 3, backend="triton")
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):  # the backend guards direct callers too
+        triton_kernels.varlen_attention(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 3, 3, 0.1, True)
 
 
 def test_softmax_scale_is_used():
