@@ -66,15 +66,11 @@ def _key_range(m0, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
-def _load_lse(lse_ptrs, row_ok, CHECK_ROWS: tl.constexpr):
+def _load_lse(lse_ptrs, row_ok):
     """log2-domain lse of query rows; +inf for out-of-range rows, so that their p = 0.
 
     A query that sees no key (lse -inf) only meets key tiles that are masked for it, where p is set to 0."""
-    if CHECK_ROWS:
-        lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
-    else:
-        lse = tl.load(lse_ptrs)
-    return lse * 1.4426950408889634  # log2(e)
+    return tl.load(lse_ptrs, mask=row_ok, other=float("inf")) * 1.4426950408889634  # log2(e)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -187,7 +183,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         row_ok = rows < len_q
         q = _load(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
         do = _load(do_base + rows[:, None] * stride_dot + offs_d[None, :], row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse = _load_lse(lse_base + rows, row_ok, True)
+        lse = _load_lse(lse_base + rows, row_ok)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2 - lse[None, :])
         if CAUSAL:
@@ -306,7 +302,7 @@ def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, softma
               row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load(dOut + q_start64 * stride_dot + head * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
                row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    lse = _load_lse(Lse + head * stride_lse_h + q_start + rows, row_ok, True)
+    lse = _load_lse(Lse + head * stride_lse_h + q_start + rows, row_ok)
     delta = tl.load(Delta + head * stride_lse_h + q_start + rows, mask=row_ok, other=0.0)
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
