@@ -143,7 +143,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
         if not torch.compiler.is_compiling() and value < max_segment_length(cu):
             raise ValueError(f"{name}={value} is smaller than the longest sequence ({max_segment_length(cu)})")
-    supported = tuple(_FORWARD) if q.shape[2] in KERNEL_HEAD_DIMS else ("torch", "cpu")
+    if q.dtype == torch.float64 and backend in ("triton", "cuda"):
+        raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 q, k, v, got float64 "
+                        f"(the torch and cpu backends take float64)")
+    kernel_ok = q.shape[2] in KERNEL_HEAD_DIMS and q.dtype != torch.float64
+    supported = tuple(_FORWARD) if kernel_ok else ("torch", "cpu")
     if backend in ("triton", "cuda") and backend not in supported:
         raise ValueError(f"head dim {q.shape[2]} is not supported by backend {backend!r} "
                          f"(supported: {KERNEL_HEAD_DIMS}; the torch and cpu backends take any)")
