@@ -4,7 +4,7 @@ import torch
 from .._checks import check_float, check_positive, check_same_device, check_tensor
 from .._dispatch import resolve_backend
 from .._ops import extension_op, lazy, reject_grad
-from . import naive
+from . import cpu_linear, naive
 
 _TOKEN_ENTROPY = {
     "torch": naive.token_entropy,
@@ -14,7 +14,7 @@ _TOKEN_ENTROPY = {
 }
 _LINEAR_ENTROPY = {
     "torch": naive.linear_entropy,
-    "cpu": naive.linear_entropy,  # chunked torch.matmul is the CPU path; see linear_entropy's docstring
+    "cpu": cpu_linear.linear_entropy,
     "cuda": lazy(".entropy.triton_kernels", "linear_entropy"),
     "triton": lazy(".entropy.triton_kernels", "linear_entropy"),
 }
