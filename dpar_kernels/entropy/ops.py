@@ -89,4 +89,11 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     check_positive("temperature", temperature)
     reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
     backend = resolve_backend("linear_entropy", backend, hidden.device, _supported(_LINEAR_ENTROPY, hidden.dtype))
+    # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
+    hidden, weight = _unit_last_stride(hidden), _unit_last_stride(weight)
+    bias = None if bias is None else _unit_last_stride(bias)
     return _linear_entropy_op(hidden, weight, bias, float(temperature), backend)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
