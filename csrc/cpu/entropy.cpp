@@ -167,8 +167,8 @@ inline Acc entropy_of(State<Acc> st) {
   return std::log(st.s) - st.w / st.s;
 }
 
-// Rows per parallel task so that each task reads at least ~32k values.
-inline int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
+// Rows per parallel task so that each task reads at least ~64k values.
+inline int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
 void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.dim(), "-D");
