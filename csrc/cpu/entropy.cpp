@@ -132,7 +132,7 @@ __attribute__((always_inline)) inline State<Acc> row_state(const T* row, int64_t
 // Per-dtype entry points, cloned per ISA (resolved once at load time) so the inner loops use AVX2/AVX-512 where
 // the CPU has them although the extension is compiled for baseline x86-64.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DPAR_ISA_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define DPAR_ISA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define DPAR_ISA_CLONES
 #endif
