@@ -60,6 +60,7 @@ def test_token_entropy_special_rows(backend):
     all_masked[1, 3] = 1.0
     out = dk.token_entropy(all_masked, backend=backend)
     assert torch.isnan(out[0]) and out[1] == 0
+    assert dk.token_entropy(torch.randn(2, 0, 9), backend=backend).shape == (2, 0)  # no rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -228,3 +229,21 @@ def test_linear_entropy_bad_inputs():
         dk.linear_entropy(hidden, weight.requires_grad_())
     with pytest.raises(ValueError, match="backend"):
         dk.linear_entropy(hidden, torch.randn(10, 8), backend="gpu")
+
+
+GPU_BACKENDS = dk.available_backends(torch.device("cuda")) if torch.cuda.is_available() else []
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_backends_match_reference(backend, dtype):
+    for v in (1, 7, 1000, 2049, 16385):  # warp-per-row and block-per-row CUDA paths, ragged tails
+        wide = (torch.randn(37, v + 5, device="cuda") * 3).to(dtype)
+        wide[3, : v // 2] = float("-inf")
+        wide[4, :] = float("-inf")
+        check_token_entropy(wide[:, 3:3 + v], backend, temperature=0.7)  # unaligned row starts
+        check_token_entropy(wide[:, :v] + 1e4 if dtype == torch.float32 else wide[:, :v], backend)
+    hidden, weight, bias = (t if t is None else t.cuda() for t in linear_inputs(300, 96, 5000, dtype, True))
+    out = dk.linear_entropy(hidden, weight, bias, temperature=0.9, backend=backend)
+    assert_close(out, linear_reference(hidden, weight, bias, 0.9), dtype)
