@@ -1,5 +1,8 @@
 """token_entropy / linear_entropy: every CPU-runnable backend against the float64 reference, plus input errors."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,3 +250,38 @@ def test_gpu_backends_match_reference(backend, dtype):
     hidden, weight, bias = (t if t is None else t.cuda() for t in linear_inputs(300, 96, 5000, dtype, True))
     out = dk.linear_entropy(hidden, weight, bias, temperature=0.9, backend=backend)
     assert_close(out, linear_reference(hidden, weight, bias, 0.9), dtype)
+
+
+_TRITON_GPU_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dpar_kernels.entropy import triton_kernels as tk
+
+arch = int(sys.argv[1])
+for ptr in ("*fp32", "*fp16", "*bf16"):
+    token = ASTSource(tk._token_entropy_kernel, constexprs={"BLOCK_V": tk.TOKEN_BLOCK_V}, signature={
+        "x_ptr": ptr, "out_ptr": "*fp32", "V": "i32", "row_stride": "i64", "inv_t": "fp32", "BLOCK_V": "constexpr"})
+    triton.compile(token, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+    names = ("h_ptr", "w_ptr", "b_ptr", "m_ptr", "s_ptr", "w_out_ptr", "N", "V", "D", "stride_hn", "stride_wv",
+             "vocab_per_split", "inv_t")
+    types = (ptr, ptr, ptr, "*fp32", "*fp32", "*fp32") + ("i32",) * 6 + ("fp32",)
+    constexprs = {"HAS_BIAS": True, "PRECISION": "ieee" if ptr == "*fp32" else "tf32",
+                  "BLOCK_N": tk.LINEAR_BLOCK_N, "BLOCK_V": tk.LINEAR_BLOCK_V, "BLOCK_D": tk.LINEAR_BLOCK_D}
+    signature = dict(zip(names, types)) | {name: "constexpr" for name in constexprs}
+    linear = ASTSource(tk._linear_entropy_kernel, signature=signature, constexprs=constexprs)
+    triton.compile(linear, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpus(arch, tmp_path):
+    """Compiles the Triton kernels to sm_80/sm_90 cubins (no GPU needed), outside the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _TRITON_GPU_COMPILE, str(arch)], capture_output=True, text=True,
+                            env=env, cwd=root, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
