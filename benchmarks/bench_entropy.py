@@ -16,10 +16,11 @@ import dpar_kernels as dk
 from dpar_kernels import _extension
 from dpar_kernels.entropy import cpu_linear
 
+from .reporting import record
+
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 N, V, D = (64, 1024, 64) if QUICK else (16 * 256, 16384, 768)
 ROUNDS = 2 if QUICK else 5
-needs_extension = pytest.mark.skipif(not _extension.HAS_CPU_OPS, reason="the C++ extension is not built")
 
 
 def eager_entropy(logits):
@@ -56,7 +57,7 @@ def test_token_entropy_cpu(benchmark, ratios, logits, impl):
     fn = TOKEN_IMPLS[impl]()
     out = fn(logits)  # warm-up (and compilation)
     torch.testing.assert_close(out, eager_entropy(logits), rtol=1e-4, atol=1e-4)
-    benchmark.group = f"token_entropy N={N} V={V} fp32"
+    record(benchmark, f"token_entropy N={N} V={V} fp32", impl, baseline=impl != "dpar cpu backend")
     benchmark.pedantic(fn, args=(logits,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     ratios.add_time("token_entropy cpu", impl, benchmark, baseline=impl == "torch eager")
 
@@ -105,7 +106,7 @@ def test_linear_entropy_cpu(benchmark, ratios, linear_inputs, impl):
     fn = (lambda: dk.linear_entropy(hidden, weight, backend="cpu")) if impl == "dpar cpu backend" else (
         lambda: matmul_then_entropy(hidden, weight))
     torch.testing.assert_close(fn(), matmul_then_entropy(hidden, weight), rtol=1e-4, atol=1e-4)
-    benchmark.group = f"linear_entropy N={N} V={V} D={D} fp32"
+    record(benchmark, f"linear_entropy N={N} V={V} D={D} fp32", impl, baseline=impl != "dpar cpu backend")
     benchmark.pedantic(fn, rounds=1 if not QUICK else ROUNDS, iterations=1, warmup_rounds=0)
     ratios.add_time("linear_entropy cpu", impl, benchmark, baseline=impl == "matmul-then-entropy")
     logits_bytes = N * V * 4
@@ -115,5 +116,6 @@ def test_linear_entropy_cpu(benchmark, ratios, linear_inputs, impl):
     if QUICK:  # tiny sizes stay below the process's allocation noise; the RSS probe is for the full mode
         return
     measured = measured_peak_extra_bytes("dpar" if impl == "dpar cpu backend" else "baseline")
+    benchmark.extra_info.update(peak_extra_bytes=measured, full_logits_bytes=logits_bytes)
     ratios.add_value("linear_entropy cpu", f"{impl}: RSS peak extra", measured / 2 ** 20, "MiB")
     ratios.add_value("linear_entropy cpu", f"{impl}: extra / full logits", measured / logits_bytes, "")
