@@ -4,7 +4,7 @@ import torch
 from .._checks import check_float, check_positive, check_same_device, check_tensor
 from .._dispatch import resolve_backend
 from .._ops import extension_op, lazy, reject_grad
-from . import naive
+from . import cpu_linear, naive
 
 _TOKEN_ENTROPY = {
     "torch": naive.token_entropy,
@@ -14,10 +14,15 @@ _TOKEN_ENTROPY = {
 }
 _LINEAR_ENTROPY = {
     "torch": naive.linear_entropy,
-    "cpu": naive.linear_entropy,  # chunked torch.matmul is the CPU path; see linear_entropy's docstring
+    "cpu": cpu_linear.linear_entropy,
     "cuda": lazy(".entropy.triton_kernels", "linear_entropy"),
     "triton": lazy(".entropy.triton_kernels", "linear_entropy"),
 }
+_FLOAT64_BACKENDS = ("torch", "cpu")  # the CUDA and Triton kernels take fp32/fp16/bf16 only
+
+
+def _supported(table: dict, dtype: torch.dtype) -> tuple[str, ...]:
+    return _FLOAT64_BACKENDS if dtype == torch.float64 else tuple(table)
 
 
 @torch.library.custom_op("dpar::token_entropy", mutates_args=())
@@ -52,7 +57,7 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
         raise ValueError("logits must have a non-empty last dim (the vocabulary)")
     check_positive("temperature", temperature)
     reject_grad("token_entropy", logits=logits)
-    backend = resolve_backend("token_entropy", backend, logits.device, tuple(_TOKEN_ENTROPY))
+    backend = resolve_backend("token_entropy", backend, logits.device, _supported(_TOKEN_ENTROPY, logits.dtype))
     lead = logits.shape[:-1]
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1:
@@ -83,5 +88,12 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
     check_positive("temperature", temperature)
     reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
-    backend = resolve_backend("linear_entropy", backend, hidden.device, tuple(_LINEAR_ENTROPY))
+    backend = resolve_backend("linear_entropy", backend, hidden.device, _supported(_LINEAR_ENTROPY, hidden.dtype))
+    # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
+    hidden, weight = _unit_last_stride(hidden), _unit_last_stride(weight)
+    bias = None if bias is None else _unit_last_stride(bias)
     return _linear_entropy_op(hidden, weight, bias, float(temperature), backend)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,55 @@
+"""Shared benchmark helpers.
+
+QUICK (env DPAR_BENCH_QUICK=1): tiny sizes and few rounds, for CI. The `ratios` fixture collects timings and other
+measurements per group; at the end of the session a table prints each timing as a speed-up over its group's
+baseline, plus any extra values (memory, ...).
+"""
+import os
+
+import pytest
+
+QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
+
+
+class RatioTable:
+    """times[group][name] = mean seconds; baselines[group] = name; values: (group, name, value, unit) rows."""
+
+    def __init__(self):
+        self.times, self.baselines, self.values = {}, {}, []
+
+    def add_time(self, group: str, name: str, benchmark, baseline: bool = False) -> None:
+        """Records the mean time of a finished pytest-benchmark run (nothing if benchmarking is disabled)."""
+        if benchmark.stats is None:
+            return
+        self.times.setdefault(group, {})[name] = benchmark.stats.stats.mean
+        if baseline:
+            self.baselines[group] = name
+
+    def add_value(self, group: str, name: str, value: float, unit: str) -> None:
+        self.values.append((group, name, value, unit))
+
+    def lines(self) -> list[str]:
+        out = []
+        for group, times in self.times.items():
+            base = times.get(self.baselines.get(group))
+            for name, seconds in times.items():
+                ratio = f"{base / seconds:8.2f}x vs {self.baselines[group]}" if base else ""
+                out.append(f"{group:<28} {name:<34} {seconds * 1e3:12.3f} ms {ratio}")
+        out += [f"{group:<28} {name:<34} {value:12.4g} {unit}" for group, name, value, unit in self.values]
+        return out
+
+
+_TABLE = RatioTable()
+
+
+@pytest.fixture(scope="session")
+def ratios() -> RatioTable:
+    return _TABLE
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = _TABLE.lines()
+    if lines:
+        terminalreporter.section(f"dpar benchmark ratios ({'quick' if QUICK else 'full'} mode)")
+        for line in lines:
+            terminalreporter.write_line(line)
