@@ -23,6 +23,10 @@ DPAR_HOST_DEVICE constexpr int round_up(int a, int b) { return ceil_div(a, b) * 
 DPAR_HOST_DEVICE constexpr int min_int(int a, int b) { return a < b ? a : b; }
 DPAR_HOST_DEVICE constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
+DPAR_HOST_DEVICE constexpr bool supported_head_dim(int d) {
+  return d == 32 || d == 64 || d == 80 || d == 96 || d == 128;
+}
+
 // Exclusive end of the keys query j sees (0 when it sees none).
 DPAR_HOST_DEVICE constexpr int visible_key_end(int j, int lq, int lk, bool causal) {
   return causal ? min_int(lk, max_int(0, lk - lq + j + 1)) : lk;
