@@ -1,6 +1,6 @@
 // Kernels of the varlen attention (see attention.h), FlashAttention-2 style: forward, delta preprocess, dK/dV and
 // dQ. Included by attention.cu, which launches them on the GPU, and by tests/cuda_host/attention_emulation.cpp,
-// which runs the same code on host threads (DPAR_ATTENTION_HOST_EMULATION) to check it against the torch reference.
+// which runs the same code on host fibers (DPAR_ATTENTION_HOST_EMULATION) to check it against the torch reference.
 //
 // Every kernel stages its tiles in dynamic shared memory (plans in attention_tiles.h) and runs its matmuls with
 // block_gemm: wmma 16x16x16 tensor-core fragments for fp16/bf16 (sm_80+), scalar fp32 FMA loops for fp32. Softmax
@@ -21,6 +21,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
+// bf16 wmma needs sm_80; older targets (if the build asks for them) take the scalar path for every dtype.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 constexpr bool kArchHasTensorCoreBf16 = false;
 #else
@@ -164,6 +165,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(KernelArgs args) {
   using Plan = ForwardPlan<sizeof(T), kD>;
   constexpr int kM = Plan::kBlockM, kN = Plan::kBlockN;
+  static_assert(kN % 32 == 0, "the softmax gives each lane kN / 32 columns");
   const VarlenAttentionShape& shape = args.shape;
   const Sequence seq = load_sequence(shape, blockIdx.x);
   const int q0 = blockIdx.y * kM;
