@@ -144,6 +144,7 @@ CASES = [
     (torch.float16, 32, 2, 1, False, MIXED, False),
     (torch.float16, 128, 2, 2, True, ([70], [70]), True),
     (torch.bfloat16, 80, 2, 2, True, MIXED, True),
+    (torch.float16, 64, 1, 1, True, ([200, 1, 1], [130, 1, 0]), False),  # 70 blind queries, many tiles each way
 ]
 
 
