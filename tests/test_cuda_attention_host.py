@@ -1,9 +1,11 @@
-"""Host-side checks of the CUDA attention kernels' index math and shared-memory plans (no GPU needed).
+"""Host-side checks of the CUDA attention kernels (no GPU needed).
 
-csrc/cuda/attention_tiles.h holds everything the kernels compute about which (query, key) tiles to visit and where
-each tile lives in shared memory. tests/cuda_host/attention_tiles_check.cpp compares it against a brute-force
-definition of bottom-right causal masking; this test builds that program with nvcc (as CUDA, so the
-__host__ __device__ path is the one compiled) or, without nvcc, with a host C++ compiler, and runs it.
+1. csrc/cuda/attention_tiles.h holds everything the kernels compute about which (query, key) tiles to visit and
+   where each tile lives in shared memory. tests/cuda_host/attention_tiles_check.cpp compares it against a
+   brute-force definition of bottom-right causal masking; it is built with nvcc (as CUDA, so the __host__ __device__
+   path is the one compiled) and with the host C++ compiler, and run.
+2. tests/cuda_host/attention_emulation.cpp runs the kernels of csrc/cuda/attention_kernels.cuh themselves on the
+   host (fibers for threads, emulated wmma); their outputs and gradients are compared with naive.py in float64.
 """
 import ctypes
 import os
