@@ -28,13 +28,13 @@ def _extensions():
         return [], {}
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.14 headers need C++20
     extra = {"cxx": cxx_flags}
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda_bindings/*.cpp")
         extra["cxx"] = cxx_flags + ["-DDPAR_WITH_CUDA"]
-        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "--use_fast_math", "-DDPAR_WITH_CUDA"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--use_fast_math", "-DDPAR_WITH_CUDA"]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
