@@ -84,6 +84,9 @@ def markdown(groups: dict, versions: dict, commit: str, command: str) -> str:
             lines.append(f"| {r['impl']} | {'yes' if r['baseline'] else ''} | {r['mean'] * 1e3:.3f} | "
                          f"{r['stddev'] * 1e3:.3f} | {r['rounds']} | {speedup} | {rate} |")
         lines.append("")
+        lines += [f"- {r['impl']}: FLOPs x{r['info']['flop_ratio']:.3f}, time x{r['info']['time_ratio']:.3f} "
+                  "of the baseline" for r in rows if "flop_ratio" in r["info"] and "time_ratio" in r["info"]]
+        lines.append("")
     return "\n".join(lines)
 
 
