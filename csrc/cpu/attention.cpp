@@ -145,16 +145,19 @@ void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
   });
 }
 
-// Per-thread tile buffers in the compute type.
+// Per-thread tile buffers in the compute type; rows of head-dim vectors have the padded length dp (padding
+// stays zero: loads write only the first d entries of a row).
 template <typename acc_t>
 struct Workspace {
-  std::vector<acc_t> q, dout, kt, vt, rows_k, rows_v, s, ds, acc, acc2, m, l, lse, delta;
+  int64_t dp;
+  std::vector<acc_t> q, dout, kt, vt, rows_k, rows_v, s, ds, transposed, acc, acc2, m, l, lse, delta;
   std::vector<int> visible;
 
   explicit Workspace(int64_t d)
-      : q(kBlockQ * d), dout(kBlockQ * d), kt(d * kBlockK), vt(d * kBlockK), rows_k(kBlockK * d),
-        rows_v(kBlockK * d), s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), acc(std::max(kBlockQ, kBlockK) * d),
-        acc2(kBlockK * d), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
+      : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), kt(d * kBlockK),
+        vt(d * kBlockK), rows_k(kBlockK * dp), rows_v(kBlockK * dp), s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK),
+        transposed(kBlockK * kBlockQ), acc(std::max(kBlockQ, kBlockK) * dp), acc2(kBlockK * dp), m(kBlockQ),
+        l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
 };
 
 // ---------------------------------------------------------------------------------------------- tile I/O
@@ -170,13 +173,13 @@ struct HeadRows {
   T* row(int64_t token, int64_t head) const { return data + token * token_stride + head * head_stride; }
 };
 
-// dst [rows][d] = src rows token0.. of `head`, times `factor`, in the compute type.
+// dst [rows][ld] = src rows token0.. of `head` (d values each), times `factor`, in the compute type.
 template <typename scalar_t, typename acc_t>
 void load_rows(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head, int64_t rows, int64_t d,
-               acc_t factor, acc_t* dst) {
+               acc_t factor, acc_t* dst, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* row = src.row(token0 + i, head);
-    for (int64_t c = 0; c < d; ++c) dst[i * d + c] = static_cast<acc_t>(row[c]) * factor;
+    for (int64_t c = 0; c < d; ++c) dst[i * ld + c] = static_cast<acc_t>(row[c]) * factor;
   }
 }
 
@@ -191,12 +194,13 @@ void load_transposed(const HeadRows<const scalar_t>& src, int64_t token0, int64_
   }
 }
 
+// dst rows token0.. of `head` = src [rows][ld] (first d values) times `factor`, in the output dtype.
 template <typename scalar_t, typename acc_t>
-void store_rows(const acc_t* src, int64_t rows, int64_t d, acc_t factor, const HeadRows<scalar_t>& dst,
+void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t d, acc_t factor, const HeadRows<scalar_t>& dst,
                 int64_t token0, int64_t head) {
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* row = dst.row(token0 + i, head);
-    for (int64_t c = 0; c < d; ++c) row[c] = static_cast<scalar_t>(src[i * d + c] * factor);
+    for (int64_t c = 0; c < d; ++c) row[c] = static_cast<scalar_t>(src[i * ld + c] * factor);
   }
 }
 
@@ -218,27 +222,27 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     const int64_t b = item.seq, h = item.head, q_start = int64_t(item.block) * kBlockQ;
     const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start);
     const int64_t q_token = p.cu_q[b] + q_start, k_token = p.cu_k[b], kv_head = h / p.group;
-    load_rows(q_rows, q_token, h, rows, d, scale, ws.q.data());
+    load_rows(q_rows, q_token, h, rows, d, scale, ws.q.data(), ws.dp);
     std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(ws.l.begin(), ws.l.end(), acc_t(0));
-    std::fill(ws.acc.begin(), ws.acc.begin() + rows * d, acc_t(0));
+    std::fill(ws.acc.begin(), ws.acc.begin() + rows * ws.dp, acc_t(0));
     const int64_t key_end = p.key_end(b, q_start + rows);
     for (int64_t key = 0; key < key_end; key += kBlockK) {
       const int64_t cols = std::min<int64_t>(kBlockK, key_end - key);
       load_transposed(k_rows, k_token + key, kv_head, cols, d, ws.kt.data());
-      load_rows(v_rows, k_token + key, kv_head, cols, d, acc_t(1), ws.rows_v.data());
+      load_rows(v_rows, k_token + key, kv_head, cols, d, acc_t(1), ws.rows_v.data(), ws.dp);
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
-      cpu::attention::forward_tile(ws.q.data(), rows, d, ws.kt.data(), ws.rows_v.data(), ws.visible.data(),
-                                   ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
+      cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, ws.kt.data(), ws.rows_v.data(), cols,
+                                   ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
     }
     for (int64_t i = 0; i < rows; ++i) {
       const bool sees_keys = ws.l[i] > 0;
       const acc_t normaliser = sees_keys ? acc_t(1) / ws.l[i] : acc_t(0);  // a row without keys stays 0
       lse_data[h * total_q + q_token + i] =
           sees_keys ? ws.m[i] + std::log(ws.l[i]) : -std::numeric_limits<acc_t>::infinity();
-      for (int64_t c = 0; c < d; ++c) ws.acc[i * d + c] *= normaliser;
+      for (int64_t c = 0; c < d; ++c) ws.acc[i * ws.dp + c] *= normaliser;
     }
-    store_rows(ws.acc.data(), rows, d, acc_t(1), out_rows, q_token, h);
+    store_rows(ws.acc.data(), ws.dp, rows, d, acc_t(1), out_rows, q_token, h);
   });
 }
 
@@ -295,8 +299,8 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
   // Query rows [q_start, q_start + rows) of head h: scaled q, dout, lse and delta into the workspace.
   auto load_queries = [&](Workspace<acc_t>& ws, int64_t b, int64_t h, int64_t q_start, int64_t rows) {
     const int64_t token = p.cu_q[b] + q_start;
-    load_rows(q_rows, token, h, rows, d, scale, ws.q.data());
-    load_rows(dout_rows, token, h, rows, d, acc_t(1), ws.dout.data());
+    load_rows(q_rows, token, h, rows, d, scale, ws.q.data(), ws.dp);
+    load_rows(dout_rows, token, h, rows, d, acc_t(1), ws.dout.data(), ws.dp);
     for (int64_t i = 0; i < rows; ++i) {
       ws.lse[i] = lse_data[h * lse_head_stride + (token + i) * lse_token_stride];
       ws.delta[i] = delta[h * total_q + token + i];
@@ -312,21 +316,22 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
     const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), k_token = p.cu_k[b] + key;
     load_transposed(k_rows, k_token, kv_head, cols, d, ws.kt.data());
     load_transposed(v_rows, k_token, kv_head, cols, d, ws.vt.data());
-    std::fill(ws.acc.begin(), ws.acc.begin() + cols * d, acc_t(0));
-    std::fill(ws.acc2.begin(), ws.acc2.begin() + cols * d, acc_t(0));
+    std::fill(ws.acc.begin(), ws.acc.begin() + cols * ws.dp, acc_t(0));
+    std::fill(ws.acc2.begin(), ws.acc2.begin() + cols * ws.dp, acc_t(0));
     const int64_t first_block = p.first_query(b, key) / kBlockQ * kBlockQ;
     for (int64_t h = kv_head * p.group; h < (kv_head + 1) * p.group; ++h) {
       for (int64_t q_start = first_block; q_start < p.len_q(b); q_start += kBlockQ) {
         const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start);
         load_queries(ws, b, h, q_start, rows);
         p.visible(b, q_start, rows, key, cols, ws.visible.data());
-        cpu::attention::backward_key_tile(ws.q.data(), ws.dout.data(), rows, d, ws.kt.data(), ws.vt.data(),
-                                          ws.visible.data(), ws.lse.data(), ws.delta.data(), ws.s.data(),
-                                          ws.ds.data(), ws.acc.data(), ws.acc2.data());
+        cpu::attention::backward_key_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, ws.kt.data(),
+                                          ws.vt.data(), cols, ws.visible.data(), ws.lse.data(), ws.delta.data(),
+                                          ws.s.data(), ws.ds.data(), ws.transposed.data(), ws.acc.data(),
+                                          ws.acc2.data());
       }
     }
-    store_rows(ws.acc.data(), cols, d, acc_t(1), dk_rows, k_token, kv_head);
-    store_rows(ws.acc2.data(), cols, d, acc_t(1), dv_rows, k_token, kv_head);
+    store_rows(ws.acc.data(), ws.dp, cols, d, acc_t(1), dk_rows, k_token, kv_head);
+    store_rows(ws.acc2.data(), ws.dp, cols, d, acc_t(1), dv_rows, k_token, kv_head);
   });
 
   // dQ: one item per (sequence, query head, query block); ws.acc holds dQ / scale.
@@ -337,19 +342,19 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
     const int64_t b = item.seq, h = item.head, q_start = int64_t(item.block) * kBlockQ;
     const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start), kv_head = h / p.group;
     load_queries(ws, b, h, q_start, rows);
-    std::fill(ws.acc.begin(), ws.acc.begin() + rows * d, acc_t(0));
+    std::fill(ws.acc.begin(), ws.acc.begin() + rows * ws.dp, acc_t(0));
     const int64_t key_end = p.key_end(b, q_start + rows);
     for (int64_t key = 0; key < key_end; key += kBlockK) {
       const int64_t cols = std::min<int64_t>(kBlockK, key_end - key), k_token = p.cu_k[b] + key;
       load_transposed(k_rows, k_token, kv_head, cols, d, ws.kt.data());
       load_transposed(v_rows, k_token, kv_head, cols, d, ws.vt.data());
-      load_rows(k_rows, k_token, kv_head, cols, d, acc_t(1), ws.rows_k.data());
+      load_rows(k_rows, k_token, kv_head, cols, d, acc_t(1), ws.rows_k.data(), ws.dp);
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
-      cpu::attention::backward_query_tile(ws.q.data(), ws.dout.data(), rows, d, ws.kt.data(), ws.vt.data(),
-                                          ws.rows_k.data(), ws.visible.data(), ws.lse.data(), ws.delta.data(),
-                                          ws.s.data(), ws.ds.data(), ws.acc.data());
+      cpu::attention::backward_query_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, ws.kt.data(),
+                                          ws.vt.data(), ws.rows_k.data(), cols, ws.visible.data(), ws.lse.data(),
+                                          ws.delta.data(), ws.s.data(), ws.ds.data(), ws.acc.data());
     }
-    store_rows(ws.acc.data(), rows, d, scale, dq_rows, p.cu_q[b] + q_start, h);
+    store_rows(ws.acc.data(), ws.dp, rows, d, scale, dq_rows, p.cu_q[b] + q_start, h);
   });
 }
 
