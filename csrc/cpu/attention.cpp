@@ -133,16 +133,27 @@ std::vector<WorkItem> make_items(int64_t batch, int64_t heads, int64_t block, Le
 }
 
 // Runs fn(item, scratch) for every item (one Scratch per thread); threads take the next item from a shared counter.
+// Small problems use fewer threads: waking a thread costs more than kMinCostPerThread (query, key) pairs of work.
+constexpr int64_t kMinCostPerThread = 1 << 16;
+
 template <typename Scratch, typename Fn>
 void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
   const int64_t count = static_cast<int64_t>(items.size());
   if (count == 0) return;
+  int64_t total_cost = 0;
+  for (const WorkItem& item : items) total_cost += item.cost;
+  const int64_t max_threads = std::min<int64_t>(at::get_num_threads(), count);
+  const int64_t threads = std::clamp<int64_t>(total_cost / kMinCostPerThread, 1, max_threads);
   std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  auto work = [&](int64_t, int64_t) {
     Scratch scratch(head_dim);
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(items[i], scratch);
-  });
+  };
+  if (threads == 1) {
+    work(0, 1);
+  } else {
+    at::parallel_for(0, threads, 1, work);
+  }
 }
 
 // Per-thread tile buffers in the compute type; rows of head-dim vectors have the padded length dp (padding
@@ -150,14 +161,13 @@ void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
 template <typename acc_t>
 struct Workspace {
   int64_t dp;
-  std::vector<acc_t> q, dout, kt, vt, rows_k, rows_v, s, ds, transposed, acc, acc2, m, l, lse, delta;
+  std::vector<acc_t> q, dout, s, ds, transposed, acc, acc2, m, l, lse, delta;
   std::vector<int> visible;
 
   explicit Workspace(int64_t d)
-      : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), kt(d * kBlockK),
-        vt(d * kBlockK), rows_k(kBlockK * dp), rows_v(kBlockK * dp), s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK),
-        transposed(kBlockK * kBlockQ), acc(std::max(kBlockQ, kBlockK) * dp), acc2(kBlockK * dp), m(kBlockQ),
-        l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
+      : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), s(kBlockQ * kBlockK),
+        ds(kBlockQ * kBlockK), transposed(kBlockK * kBlockQ), acc(std::max(kBlockQ, kBlockK) * dp),
+        acc2(kBlockK * dp), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
 };
 
 // ---------------------------------------------------------------------------------------------- tile I/O
@@ -183,11 +193,10 @@ void load_rows(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head
   }
 }
 
-// dst [d][kBlockK] = src rows token0 .. token0+cols transposed, columns >= cols zero.
+// dst [d][kBlockK] (columns >= cols left as they are: zero) = src rows token0 .. token0+cols transposed.
 template <typename scalar_t, typename acc_t>
 void load_transposed(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head, int64_t cols, int64_t d,
                      acc_t* dst) {
-  std::fill(dst, dst + d * kBlockK, acc_t(0));
   for (int64_t j = 0; j < cols; ++j) {
     const scalar_t* row = src.row(token0 + j, head);
     for (int64_t c = 0; c < d; ++c) dst[c * kBlockK + j] = static_cast<acc_t>(row[c]);
@@ -204,24 +213,79 @@ void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t d, acc_t fac
   }
 }
 
+// Every key block of every (sequence, kv head), converted once per call into the layouts the tiles read:
+// transposed [d][kBlockK] (columns past the sequence zero) and rows [kBlockK][dp] (padding zero). The forward
+// needs K transposed and V rows; the backward also V transposed and K rows.
+template <typename scalar_t>
+struct KeyTiles {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t d, dp, blocks = 0;
+  std::vector<int64_t> first_block;  // per sequence: index of its first key block
+  std::vector<acc_t> kt, vt, k_rows, v_rows;
+
+  KeyTiles(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool backward)
+      : d(p.head_dim), dp(cpu::attention::padded_dim<acc_t>(p.head_dim)) {
+    for (int64_t b = 0; b < p.batch(); ++b) {
+      first_block.push_back(blocks);
+      blocks += (p.len_k(b) + kBlockK - 1) / kBlockK;
+    }
+    const int64_t tiles = blocks * p.heads_k;
+    kt.resize(tiles * d * kBlockK);
+    v_rows.resize(tiles * kBlockK * dp);
+    if (backward) {
+      vt.resize(tiles * d * kBlockK);
+      k_rows.resize(tiles * kBlockK * dp);
+    }
+    const HeadRows<const scalar_t> k_src(k), v_src(v);
+    const int64_t values_per_sequence = std::max<int64_t>(1, k.numel() / std::max<int64_t>(1, p.batch()));
+    const int64_t grain = std::max<int64_t>(1, (kMinCostPerThread * 4) / values_per_sequence);
+    at::parallel_for(0, p.batch(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t h = 0; h < p.heads_k; ++h) {
+          for (int64_t key = 0; key < p.len_k(b); key += kBlockK) {
+            const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), token = p.cu_k[b] + key;
+            const int64_t tile = h * blocks + first_block[b] + key / kBlockK;
+            load_transposed(k_src, token, h, cols, d, kt.data() + tile * d * kBlockK);
+            load_rows(v_src, token, h, cols, d, acc_t(1), v_rows.data() + tile * kBlockK * dp, dp);
+            if (backward) {
+              load_transposed(v_src, token, h, cols, d, vt.data() + tile * d * kBlockK);
+              load_rows(k_src, token, h, cols, d, acc_t(1), k_rows.data() + tile * kBlockK * dp, dp);
+            }
+          }
+        }
+      }
+    });
+  }
+
+  int64_t tile(int64_t b, int64_t kv_head, int64_t key) const {
+    return kv_head * blocks + first_block[b] + key / kBlockK;
+  }
+  const acc_t* transposed_k(int64_t t) const { return kt.data() + t * d * kBlockK; }
+  const acc_t* transposed_v(int64_t t) const { return vt.data() + t * d * kBlockK; }
+  const acc_t* rows_k(int64_t t) const { return k_rows.data() + t * kBlockK * dp; }
+  const acc_t* rows_v(int64_t t) const { return v_rows.data() + t * kBlockK * dp; }
+};
+
 // ------------------------------------------------------------------------------------------------ forward
 
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& out, const at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const HeadRows<const scalar_t> q_rows(q), k_rows(k), v_rows(v);
+  const HeadRows<const scalar_t> q_rows(q);
   const HeadRows<scalar_t> out_rows(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();
   const int64_t d = p.head_dim, total_q = q.size(0);
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  const auto items = make_items(p.batch(), p.heads_q, kBlockQ, [&](int64_t b) { return p.len_q(b); },
-                                [&](int64_t b, int64_t start, int64_t rows) { return rows * p.key_end(b, start + rows); });
+  const KeyTiles<scalar_t> keys(p, k, v, /*backward=*/false);
+  const auto items = make_items(
+      p.batch(), p.heads_q, kBlockQ, [&](int64_t b) { return p.len_q(b); },
+      [&](int64_t b, int64_t start, int64_t rows) { return rows * p.key_end(b, start + rows); });
   run_items<Workspace<acc_t>>(items, d, [&](const WorkItem& item, Workspace<acc_t>& ws) {
     const int64_t b = item.seq, h = item.head, q_start = int64_t(item.block) * kBlockQ;
     const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start);
-    const int64_t q_token = p.cu_q[b] + q_start, k_token = p.cu_k[b], kv_head = h / p.group;
+    const int64_t q_token = p.cu_q[b] + q_start, kv_head = h / p.group;
     load_rows(q_rows, q_token, h, rows, d, scale, ws.q.data(), ws.dp);
     std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(ws.l.begin(), ws.l.end(), acc_t(0));
@@ -229,10 +293,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     const int64_t key_end = p.key_end(b, q_start + rows);
     for (int64_t key = 0; key < key_end; key += kBlockK) {
       const int64_t cols = std::min<int64_t>(kBlockK, key_end - key);
-      load_transposed(k_rows, k_token + key, kv_head, cols, d, ws.kt.data());
-      load_rows(v_rows, k_token + key, kv_head, cols, d, acc_t(1), ws.rows_v.data(), ws.dp);
+      const int64_t tile = keys.tile(b, kv_head, key);
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
-      cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, ws.kt.data(), ws.rows_v.data(), cols,
+      cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, keys.transposed_k(tile), keys.rows_v(tile), cols,
                                    ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
     }
     for (int64_t i = 0; i < rows; ++i) {
@@ -288,8 +351,9 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
                      const at::Tensor& dk, const at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
-  const HeadRows<const scalar_t> dout_rows(dout), q_rows(q), k_rows(k), v_rows(v);
+  const HeadRows<const scalar_t> dout_rows(dout), q_rows(q);
   const HeadRows<scalar_t> dq_rows(dq), dk_rows(dk), dv_rows(dv);
+  const KeyTiles<scalar_t> keys(p, k, v, /*backward=*/true);
   const acc_t* lse_data = lse.data_ptr<acc_t>();
   const int64_t lse_head_stride = lse.stride(0), lse_token_stride = lse.stride(1);
   const int64_t d = p.head_dim, total_q = q.size(0);
@@ -310,12 +374,11 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
   // dK, dV: one item per (sequence, kv head, key block); ws.acc holds dK, ws.acc2 dV.
   const auto key_items = make_items(
       p.batch(), p.heads_k, kBlockK, [&](int64_t b) { return p.len_k(b); },
-      [&](int64_t b, int64_t start, int64_t cols) { return cols * (p.len_q(b) - p.first_query(b, start)); });
+      [&](int64_t b, int64_t start, int64_t cols) { return cols * p.group * (p.len_q(b) - p.first_query(b, start)); });
   run_items<Workspace<acc_t>>(key_items, d, [&](const WorkItem& item, Workspace<acc_t>& ws) {
     const int64_t b = item.seq, kv_head = item.head, key = int64_t(item.block) * kBlockK;
     const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), k_token = p.cu_k[b] + key;
-    load_transposed(k_rows, k_token, kv_head, cols, d, ws.kt.data());
-    load_transposed(v_rows, k_token, kv_head, cols, d, ws.vt.data());
+    const int64_t tile = keys.tile(b, kv_head, key);
     std::fill(ws.acc.begin(), ws.acc.begin() + cols * ws.dp, acc_t(0));
     std::fill(ws.acc2.begin(), ws.acc2.begin() + cols * ws.dp, acc_t(0));
     const int64_t first_block = p.first_query(b, key) / kBlockQ * kBlockQ;
@@ -324,10 +387,10 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
         const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start);
         load_queries(ws, b, h, q_start, rows);
         p.visible(b, q_start, rows, key, cols, ws.visible.data());
-        cpu::attention::backward_key_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, ws.kt.data(),
-                                          ws.vt.data(), cols, ws.visible.data(), ws.lse.data(), ws.delta.data(),
-                                          ws.s.data(), ws.ds.data(), ws.transposed.data(), ws.acc.data(),
-                                          ws.acc2.data());
+        cpu::attention::backward_key_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
+                                          keys.transposed_v(tile), cols, ws.visible.data(), ws.lse.data(),
+                                          ws.delta.data(), ws.s.data(), ws.ds.data(), ws.transposed.data(),
+                                          ws.acc.data(), ws.acc2.data());
       }
     }
     store_rows(ws.acc.data(), ws.dp, cols, d, acc_t(1), dk_rows, k_token, kv_head);
@@ -345,14 +408,12 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
     std::fill(ws.acc.begin(), ws.acc.begin() + rows * ws.dp, acc_t(0));
     const int64_t key_end = p.key_end(b, q_start + rows);
     for (int64_t key = 0; key < key_end; key += kBlockK) {
-      const int64_t cols = std::min<int64_t>(kBlockK, key_end - key), k_token = p.cu_k[b] + key;
-      load_transposed(k_rows, k_token, kv_head, cols, d, ws.kt.data());
-      load_transposed(v_rows, k_token, kv_head, cols, d, ws.vt.data());
-      load_rows(k_rows, k_token, kv_head, cols, d, acc_t(1), ws.rows_k.data(), ws.dp);
+      const int64_t cols = std::min<int64_t>(kBlockK, key_end - key), tile = keys.tile(b, kv_head, key);
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
-      cpu::attention::backward_query_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, ws.kt.data(),
-                                          ws.vt.data(), ws.rows_k.data(), cols, ws.visible.data(), ws.lse.data(),
-                                          ws.delta.data(), ws.s.data(), ws.ds.data(), ws.acc.data());
+      cpu::attention::backward_query_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
+                                          keys.transposed_v(tile), keys.rows_k(tile), cols, ws.visible.data(),
+                                          ws.lse.data(), ws.delta.data(), ws.s.data(), ws.ds.data(),
+                                          ws.acc.data());
     }
     store_rows(ws.acc.data(), ws.dp, rows, d, scale, dq_rows, p.cu_q[b] + q_start, h);
   });
