@@ -161,12 +161,12 @@ void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
 template <typename acc_t>
 struct Workspace {
   int64_t dp;
-  std::vector<acc_t> q, dout, s, ds, transposed, acc, acc2, m, l, lse, delta;
+  std::vector<acc_t> q, dout, s, ds, acc, acc2, m, l, lse, delta;
   std::vector<int> visible;
 
   explicit Workspace(int64_t d)
       : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), s(kBlockQ * kBlockK),
-        ds(kBlockQ * kBlockK), transposed(kBlockK * kBlockQ), acc(std::max(kBlockQ, kBlockK) * dp),
+        ds(kBlockQ * kBlockK), acc(std::max(kBlockQ, kBlockK) * dp),
         acc2(kBlockK * dp), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
 };
 
@@ -389,8 +389,8 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
         p.visible(b, q_start, rows, key, cols, ws.visible.data());
         cpu::attention::backward_key_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
                                           keys.transposed_v(tile), cols, ws.visible.data(), ws.lse.data(),
-                                          ws.delta.data(), ws.s.data(), ws.ds.data(), ws.transposed.data(),
-                                          ws.acc.data(), ws.acc2.data());
+                                          ws.delta.data(), ws.s.data(), ws.ds.data(), ws.acc.data(),
+                                          ws.acc2.data());
       }
     }
     store_rows(ws.acc.data(), ws.dp, cols, d, acc_t(1), dk_rows, k_token, kv_head);

@@ -82,7 +82,8 @@ DPAR_INLINE T exp_scalar(T x) {
 
 // Register tile of gemm_accumulate: rows [MR] x vectors [NV] of C.
 template <typename T, int MR, int NV>
-DPAR_INLINE void gemm_micro(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t depth) {
+DPAR_INLINE void gemm_micro(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+                            int64_t depth) {
   using S = Simd<T>;
   typename S::vec acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -91,7 +92,7 @@ DPAR_INLINE void gemm_micro(const T* a, int64_t lda, const T* b, int64_t ldb, T*
     typename S::vec bk[NV];
     for (int v = 0; v < NV; ++v) bk[v] = S::load(b + k * ldb + v * S::kWidth);
     for (int r = 0; r < MR; ++r) {
-      const T ark = a[r * lda + k];
+      const T ark = a[r * a_row + k * a_col];
       for (int v = 0; v < NV; ++v) acc[r][v] += ark * bk[v];
     }
   }
@@ -100,29 +101,34 @@ DPAR_INLINE void gemm_micro(const T* a, int64_t lda, const T* b, int64_t ldb, T*
 }
 
 template <typename T, int MR>
-DPAR_INLINE void gemm_rows(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t depth,
-                           int64_t vectors) {
+DPAR_INLINE void gemm_rows(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+                           int64_t depth, int64_t vectors) {
   constexpr int W = Simd<T>::kWidth;
   int64_t v = 0;
-  for (; v + 4 <= vectors; v += 4) gemm_micro<T, MR, 4>(a, lda, b + v * W, ldb, c + v * W, ldc, depth);
+  for (; v + 4 <= vectors; v += 4) gemm_micro<T, MR, 4>(a, a_row, a_col, b + v * W, ldb, c + v * W, ldc, depth);
   switch (vectors - v) {
-    case 3: gemm_micro<T, MR, 3>(a, lda, b + v * W, ldb, c + v * W, ldc, depth); break;
-    case 2: gemm_micro<T, MR, 2>(a, lda, b + v * W, ldb, c + v * W, ldc, depth); break;
-    case 1: gemm_micro<T, MR, 1>(a, lda, b + v * W, ldb, c + v * W, ldc, depth); break;
+    case 3: gemm_micro<T, MR, 3>(a, a_row, a_col, b + v * W, ldb, c + v * W, ldc, depth); break;
+    case 2: gemm_micro<T, MR, 2>(a, a_row, a_col, b + v * W, ldb, c + v * W, ldc, depth); break;
+    case 1: gemm_micro<T, MR, 1>(a, a_row, a_col, b + v * W, ldb, c + v * W, ldc, depth); break;
     default: break;
   }
 }
 
-// c[rows][vectors * W] += a[rows][depth] . b[depth][vectors * W]   (row-major, leading dims in elements)
+// c[rows][vectors * W] += a[rows][depth] . b[depth][vectors * W]. Element (r, k) of a is a[r * a_row + k * a_col]
+// (a_row = ld, a_col = 1 for row-major a; a_row = 1, a_col = ld for a transposed); b, c row-major.
 template <typename T>
-DPAR_INLINE void gemm_accumulate(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-                                 int64_t rows, int64_t depth, int64_t vectors) {
+DPAR_INLINE void gemm_accumulate(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+                                 int64_t ldc, int64_t rows, int64_t depth, int64_t vectors) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) gemm_rows<T, 4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth, vectors);
+  for (; r + 4 <= rows; r += 4) {
+    gemm_rows<T, 4>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, vectors);
+  }
+  const T* a_rest = a + r * a_row;
+  T* c_rest = c + r * ldc;
   switch (rows - r) {
-    case 3: gemm_rows<T, 3>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth, vectors); break;
-    case 2: gemm_rows<T, 2>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth, vectors); break;
-    case 1: gemm_rows<T, 1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth, vectors); break;
+    case 3: gemm_rows<T, 3>(a_rest, a_row, a_col, b, ldb, c_rest, ldc, depth, vectors); break;
+    case 2: gemm_rows<T, 2>(a_rest, a_row, a_col, b, ldb, c_rest, ldc, depth, vectors); break;
+    case 1: gemm_rows<T, 1>(a_rest, a_row, a_col, b, ldb, c_rest, ldc, depth, vectors); break;
     default: break;
   }
 }
@@ -131,14 +137,7 @@ DPAR_INLINE void gemm_accumulate(const T* a, int64_t lda, const T* b, int64_t ld
 template <typename T>
 DPAR_INLINE void block_scores(const T* x, int64_t rows, int64_t d, int64_t dp, const T* t, int64_t vectors, T* s) {
   std::fill(s, s + rows * kBlockK, T(0));
-  gemm_accumulate(x, dp, t, kBlockK, s, kBlockK, rows, d, vectors);
-}
-
-// dst[j][i] = src[i][j] for i < rows, j < cols (src ld kBlockK, dst ld kBlockQ)
-template <typename T>
-DPAR_INLINE void transpose_block(const T* src, int64_t rows, int64_t cols, T* dst) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * kBlockQ + i] = src[i * kBlockK + j];
+  gemm_accumulate(x, dp, 1, t, kBlockK, s, kBlockK, rows, d, vectors);
 }
 
 // Forward, one key block: online-softmax update of the running row maximum m, row sum l and unnormalised
@@ -184,7 +183,7 @@ DPAR_INLINE void forward_block(const T* q, int64_t rows, int64_t d, int64_t dp, 
       for (int64_t c = 0; c < dp; c += W) S::store(oi + c, S::load(oi + c) * correction);
     }
   }
-  gemm_accumulate(s, kBlockK, v, dp, o, dp, rows, cols, dp / W);
+  gemm_accumulate(s, kBlockK, 1, v, dp, o, dp, rows, cols, dp / W);
 }
 
 // Backward, one (query block, key block) tile: p = P = exp(S - lse) and ds = P * (dP - delta) with dP = dout v^T,
@@ -214,17 +213,14 @@ DPAR_INLINE void backward_probabilities(const T* q, const T* dout, int64_t rows,
 }
 
 // Backward, dK/dV side of one tile: dv += P^T dout, dk += dS^T q (q pre-scaled, so dk needs no extra scale).
-// pt is scratch [kBlockK][kBlockQ].
 template <typename T>
 DPAR_INLINE void backward_key_block(const T* q, const T* dout, int64_t rows, int64_t d, int64_t dp, const T* kt,
                                     const T* vt, int64_t cols, const int* visible, const T* lse, const T* delta,
-                                    T* p, T* ds, T* pt, T* dk, T* dv) {
+                                    T* p, T* ds, T* dk, T* dv) {
   constexpr int W = Simd<T>::kWidth;
   backward_probabilities(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds);
-  transpose_block(p, rows, cols, pt);
-  gemm_accumulate(pt, kBlockQ, dout, dp, dv, dp, cols, rows, dp / W);
-  transpose_block(ds, rows, cols, pt);
-  gemm_accumulate(pt, kBlockQ, q, dp, dk, dp, cols, rows, dp / W);
+  gemm_accumulate(p, 1, kBlockK, dout, dp, dv, dp, cols, rows, dp / W);  // P^T: element (j, i) is p[i][j]
+  gemm_accumulate(ds, 1, kBlockK, q, dp, dk, dp, cols, rows, dp / W);
 }
 
 // Backward, dQ side of one tile: dq += dS k (the caller multiplies by the softmax scale at the end).
@@ -234,7 +230,7 @@ DPAR_INLINE void backward_query_block(const T* q, const T* dout, int64_t rows, i
                                       const T* delta, T* p, T* ds, T* dq) {
   constexpr int W = Simd<T>::kWidth;
   backward_probabilities(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds);
-  gemm_accumulate(ds, kBlockK, k, dp, dq, dp, rows, cols, dp / W);
+  gemm_accumulate(ds, kBlockK, 1, k, dp, dq, dp, rows, cols, dp / W);
 }
 
 // Entry points: float versions compiled per instruction set, double versions plain.
@@ -251,14 +247,14 @@ static void forward_tile(const double* q, int64_t rows, int64_t d, int64_t dp, c
 DPAR_SIMD_CLONES static void backward_key_tile(const float* q, const float* dout, int64_t rows, int64_t d,
                                                int64_t dp, const float* kt, const float* vt, int64_t cols,
                                                const int* visible, const float* lse, const float* delta, float* p,
-                                               float* ds, float* pt, float* dk, float* dv) {
-  backward_key_block(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds, pt, dk, dv);
+                                               float* ds, float* dk, float* dv) {
+  backward_key_block(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds, dk, dv);
 }
 static void backward_key_tile(const double* q, const double* dout, int64_t rows, int64_t d, int64_t dp,
                               const double* kt, const double* vt, int64_t cols, const int* visible,
-                              const double* lse, const double* delta, double* p, double* ds, double* pt, double* dk,
+                              const double* lse, const double* delta, double* p, double* ds, double* dk,
                               double* dv) {
-  backward_key_block(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds, pt, dk, dv);
+  backward_key_block(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds, dk, dv);
 }
 
 DPAR_SIMD_CLONES static void backward_query_tile(const float* q, const float* dout, int64_t rows, int64_t d,
