@@ -183,20 +183,25 @@ struct HeadRows {
   T* row(int64_t token, int64_t head) const { return data + token * token_stride + head * head_stride; }
 };
 
-// dst [rows][ld] = src rows token0.. of `head` (d values each), times `factor`, in the compute type.
+// dst [rows][ld] = src rows token0.. of `head` (d values each), times `factor`, in the compute type; the
+// padding ld - d of each row is zeroed.
 template <typename scalar_t, typename acc_t>
 void load_rows(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head, int64_t rows, int64_t d,
                acc_t factor, acc_t* dst, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* row = src.row(token0 + i, head);
     for (int64_t c = 0; c < d; ++c) dst[i * ld + c] = static_cast<acc_t>(row[c]) * factor;
+    std::fill(dst + i * ld + d, dst + (i + 1) * ld, acc_t(0));
   }
 }
 
-// dst [d][kBlockK] (columns >= cols left as they are: zero) = src rows token0 .. token0+cols transposed.
+// dst [d][kBlockK] = src rows token0 .. token0+cols transposed, columns >= cols zero.
 template <typename scalar_t, typename acc_t>
 void load_transposed(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head, int64_t cols, int64_t d,
                      acc_t* dst) {
+  if (cols < kBlockK) {
+    for (int64_t c = 0; c < d; ++c) std::fill(dst + c * kBlockK + cols, dst + (c + 1) * kBlockK, acc_t(0));
+  }
   for (int64_t j = 0; j < cols; ++j) {
     const scalar_t* row = src.row(token0 + j, head);
     for (int64_t c = 0; c < d; ++c) dst[c * kBlockK + j] = static_cast<acc_t>(row[c]);
@@ -213,6 +218,18 @@ void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t d, acc_t fac
   }
 }
 
+// Grow-only per-thread buffers that KeyTiles reuses from call to call: fresh multi-megabyte allocations would
+// cost a page fault per 4 KiB on every call. Holds the largest batch's converted keys until the thread exits.
+template <typename acc_t>
+struct KeyTileBuffers {
+  std::vector<acc_t> kt, vt, k_rows, v_rows;
+
+  static KeyTileBuffers& for_this_thread() {
+    thread_local KeyTileBuffers buffers;
+    return buffers;
+  }
+};
+
 // Every key block of every (sequence, kv head), converted once per call into the layouts the tiles read:
 // transposed [d][kBlockK] (columns past the sequence zero) and rows [kBlockK][dp] (padding zero). The forward
 // needs K transposed and V rows; the backward also V transposed and K rows.
@@ -221,36 +238,45 @@ struct KeyTiles {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t d, dp, blocks = 0;
   std::vector<int64_t> first_block;  // per sequence: index of its first key block
-  std::vector<acc_t> kt, vt, k_rows, v_rows;
+  std::vector<acc_t>&kt, &vt, &k_rows, &v_rows;
 
   KeyTiles(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool backward)
-      : d(p.head_dim), dp(cpu::attention::padded_dim<acc_t>(p.head_dim)) {
+      : d(p.head_dim),
+        dp(cpu::attention::padded_dim<acc_t>(p.head_dim)),
+        kt(KeyTileBuffers<acc_t>::for_this_thread().kt),
+        vt(KeyTileBuffers<acc_t>::for_this_thread().vt),
+        k_rows(KeyTileBuffers<acc_t>::for_this_thread().k_rows),
+        v_rows(KeyTileBuffers<acc_t>::for_this_thread().v_rows) {
     for (int64_t b = 0; b < p.batch(); ++b) {
       first_block.push_back(blocks);
       blocks += (p.len_k(b) + kBlockK - 1) / kBlockK;
     }
     const int64_t tiles = blocks * p.heads_k;
-    kt.resize(tiles * d * kBlockK);
-    v_rows.resize(tiles * kBlockK * dp);
+    auto grow = [](std::vector<acc_t>& buffer, int64_t size) {
+      if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+    };
+    grow(kt, tiles * d * kBlockK);
+    grow(v_rows, tiles * kBlockK * dp);
     if (backward) {
-      vt.resize(tiles * d * kBlockK);
-      k_rows.resize(tiles * kBlockK * dp);
+      grow(vt, tiles * d * kBlockK);
+      grow(k_rows, tiles * kBlockK * dp);
     }
     const HeadRows<const scalar_t> k_src(k), v_src(v);
-    const int64_t values_per_sequence = std::max<int64_t>(1, k.numel() / std::max<int64_t>(1, p.batch()));
-    const int64_t grain = std::max<int64_t>(1, (kMinCostPerThread * 4) / values_per_sequence);
-    at::parallel_for(0, p.batch(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t h = 0; h < p.heads_k; ++h) {
-          for (int64_t key = 0; key < p.len_k(b); key += kBlockK) {
-            const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), token = p.cu_k[b] + key;
-            const int64_t tile = h * blocks + first_block[b] + key / kBlockK;
-            load_transposed(k_src, token, h, cols, d, kt.data() + tile * d * kBlockK);
-            load_rows(v_src, token, h, cols, d, acc_t(1), v_rows.data() + tile * kBlockK * dp, dp);
-            if (backward) {
-              load_transposed(v_src, token, h, cols, d, vt.data() + tile * d * kBlockK);
-              load_rows(k_src, token, h, cols, d, acc_t(1), k_rows.data() + tile * kBlockK * dp, dp);
-            }
+    // parallel over (kv head, sequence) pairs; each loads one sequence of one head
+    const int64_t units = p.batch() * p.heads_k;
+    const int64_t values_per_unit = std::max<int64_t>(1, k.numel() / std::max<int64_t>(1, units));
+    const int64_t grain = std::max<int64_t>(1, (kMinCostPerThread * 4) / values_per_unit);
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t h = unit / p.batch(), b = unit % p.batch();
+        for (int64_t key = 0; key < p.len_k(b); key += kBlockK) {
+          const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), token = p.cu_k[b] + key;
+          const int64_t tile = h * blocks + first_block[b] + key / kBlockK;
+          load_transposed(k_src, token, h, cols, d, kt.data() + tile * d * kBlockK);
+          load_rows(v_src, token, h, cols, d, acc_t(1), v_rows.data() + tile * kBlockK * dp, dp);
+          if (backward) {
+            load_transposed(v_src, token, h, cols, d, vt.data() + tile * d * kBlockK);
+            load_rows(k_src, token, h, cols, d, acc_t(1), k_rows.data() + tile * kBlockK * dp, dp);
           }
         }
       }
