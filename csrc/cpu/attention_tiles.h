@@ -28,6 +28,11 @@ constexpr int kBlockK = 64;  // keys per tile
 #define DPAR_SIMD_CLONES
 #endif
 #define DPAR_INLINE inline __attribute__((always_inline))
+// 64-byte vectors passed by value between always-inline helpers of this one translation unit: the ABI note GCC
+// emits for them (-Wpsabi, "AVX512F vector return without AVX512F enabled") concerns calls that never happen.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 template <typename T>
 struct Simd {
