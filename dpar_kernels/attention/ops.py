@@ -98,7 +98,7 @@ def attended_pairs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causa
 @register_flop_formula(torch.ops.dpar.varlen_attention, get_raw=True)
 def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, out_val=None, **kwargs) -> int:
     """Two matmuls (QK^T and PV) over the attended pairs, like torch's SDPA formula."""
-    causal = args[4] if len(args) > 4 else kwargs["causal"]
+    causal = args[3] if len(args) > 3 else kwargs["causal"]  # args: max_q, max_k, scale, causal, backend
     return 4 * q.shape[1] * q.shape[2] * attended_pairs(cu_seqlens_q, cu_seqlens_k, causal)
 
 
