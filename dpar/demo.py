@@ -19,14 +19,15 @@ from .tokenizer import PaletteTokenizer
 
 MODEL_OVERRIDES = ("num_heads=2", "num_kv_heads=2")  # the tiny presets with head_dim 32
 QUICK = dict(train_images=48, val_images=16, image_size=16, grid=4, colors=16, steps=2, entropy_steps=2,
-             batch_size=8, samples_per_class=1)
+             batch_size=8, samples_per_class=1, lr=1e-3)
 
 
-def _train(kind: str, data_dir: str, out: str, steps: int, batch_size: int, seed: int, extra: list[str]):
+def _train(kind: str, data_dir: str, out: str, steps: int, batch_size: int, seed: int, lr: float,
+           extra: list[str]):
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     argv = [kind, "--data", data_dir, "--out", out, "--steps", str(steps), "--batch-size", str(batch_size),
-            "--seed", str(seed), "--quiet", "--device", "cpu", "--override", *MODEL_OVERRIDES, *extra]
+            "--seed", str(seed), "--lr", str(lr), "--quiet", "--device", "cpu", "--override", *MODEL_OVERRIDES, *extra]
     return train.train(parser.parse_args(argv))
 
 
@@ -67,13 +68,14 @@ def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 
     train_dir, val_dir = os.path.join(out, "data", "train"), os.path.join(out, "data", "val")
     steps, batch = settings["steps"], settings["batch_size"]
     entropy_dir = os.path.join(out, "entropy")
-    _train("entropy", train_dir, entropy_dir, settings["entropy_steps"], batch, seed, [])
+    _train("entropy", train_dir, entropy_dir, settings["entropy_steps"], batch, seed, settings["lr"], [])
     entropy_ckpt = os.path.join(entropy_dir, train.CHECKPOINT)
     patches_path = os.path.join(out, "patches.pt")
     table = patchify.patchify(train_dir, entropy_ckpt, patches_path, target_reduction=target_reduction)
-    logs = {"dpar": _train("dpar", train_dir, os.path.join(out, "dpar"), steps, batch, seed,
+    lr = settings["lr"]
+    logs = {"dpar": _train("dpar", train_dir, os.path.join(out, "dpar"), steps, batch, seed, lr,
                            ["--patches", patches_path]),
-            "baseline": _train("baseline", train_dir, os.path.join(out, "baseline"), steps, batch, seed, [])}
+            "baseline": _train("baseline", train_dir, os.path.join(out, "baseline"), steps, batch, seed, lr, [])}
 
     val = data.TokenGridDataset(val_dir)
     entropy_model, _ = load_model(entropy_ckpt, "entropy")
@@ -104,7 +106,7 @@ def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 
         f"{val.grid_height}x{val.grid_width} tokens from a {tokenizer.vocab_size}-colour palette; {len(val)} "
         f"held-out crops. Entropy threshold {table.threshold:.4f} nats (target reduction {target_reduction}x on "
         f"the training set, got {table.reduction:.3f}x), max patch size {table.max_patch_size}. DPAR and the "
-        f"baseline: {steps} steps of batch {batch}, same data order and seed.", "",
+        f"baseline: {steps} steps of batch {batch} at learning rate {lr}, same data order and seed.", "",
         _markdown_table(rows), "",
         "Files: samples_dpar.png, samples_baseline.png, patch_map.png (held-out crops), report.md.", ""])
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -123,14 +125,16 @@ def _sample_grid(model, kind, entropy_model, threshold, max_patch_size, tokenize
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (report.md, PNGs, checkpoints, data)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
-    parser.add_argument("--steps", type=int, default=60, help="training steps of DPAR and the baseline")
-    parser.add_argument("--entropy-steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=600, help="training steps of DPAR and the baseline")
+    parser.add_argument("--entropy-steps", type=int, default=400)
     parser.add_argument("--train-images", type=int, default=512)
     parser.add_argument("--val-images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32, help="crop size in pixels")
     parser.add_argument("--grid", type=int, default=16, help="token grid side")
     parser.add_argument("--colors", type=int, default=256, help="palette size (vocabulary)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="AdamW learning rate (the tiny demo models train at 1e-3; the paper's 1e-4 is for B/L/XL)")
     parser.add_argument("--samples-per-class", type=int, default=4)
     parser.add_argument("--target-reduction", type=float, default=1.8, help="global token reduction to aim for")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     names = ("train_images", "val_images", "image_size", "grid", "colors", "steps", "entropy_steps", "batch_size",
-             "samples_per_class")
+             "samples_per_class", "lr")
     settings = dict(QUICK) if args.quick else {name: getattr(args, name) for name in names}
     print(run_demo(args.out, settings, args.seed, args.target_reduction))
 
