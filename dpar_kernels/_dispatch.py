@@ -12,6 +12,7 @@ import torch
 from . import _extension
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
+FLOAT64_BACKENDS = ("torch", "cpu")  # the CUDA and Triton kernels take fp32/fp16/bf16 only
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -66,6 +67,11 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, suppor
         if candidate in supported and _why_unavailable(candidate, device) is None:
             return candidate
     return "torch"
+
+
+def supported_for_dtype(supported: tuple[str, ...], dtype: torch.dtype) -> tuple[str, ...]:
+    """The backends of ``supported`` that take ``dtype`` (float64 only runs on FLOAT64_BACKENDS)."""
+    return tuple(b for b in supported if b in FLOAT64_BACKENDS) if dtype == torch.float64 else supported
 
 
 def available_backends(device: torch.device, supported: tuple[str, ...] = BACKENDS) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._checks import check_cu_seqlens, check_float, check_same_device, max_segment_length
-from .._dispatch import resolve_backend
+from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
 
@@ -146,8 +146,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if q.dtype == torch.float64 and backend in ("triton", "cuda"):
         raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 q, k, v, got float64 "
                         f"(the torch and cpu backends take float64)")
-    kernel_ok = q.shape[2] in KERNEL_HEAD_DIMS and q.dtype != torch.float64
-    supported = tuple(_FORWARD) if kernel_ok else ("torch", "cpu")
+    supported = supported_for_dtype(tuple(_FORWARD) if q.shape[2] in KERNEL_HEAD_DIMS else ("torch", "cpu"),
+                                    q.dtype)
     if backend in ("triton", "cuda") and backend not in supported:
         raise ValueError(f"head dim {q.shape[2]} is not supported by backend {backend!r} "
                          f"(supported: {KERNEL_HEAD_DIMS}; the torch and cpu backends take any)")

@@ -2,7 +2,7 @@
 import torch
 
 from .._checks import check_float, check_positive, check_same_device, check_tensor
-from .._dispatch import resolve_backend
+from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy, reject_grad
 from . import cpu_linear, naive
 
@@ -18,11 +18,6 @@ _LINEAR_ENTROPY = {
     "cuda": lazy(".entropy.triton_kernels", "linear_entropy"),
     "triton": lazy(".entropy.triton_kernels", "linear_entropy"),
 }
-_FLOAT64_BACKENDS = ("torch", "cpu")  # the CUDA and Triton kernels take fp32/fp16/bf16 only
-
-
-def _supported(table: dict, dtype: torch.dtype) -> tuple[str, ...]:
-    return _FLOAT64_BACKENDS if dtype == torch.float64 else tuple(table)
 
 
 @torch.library.custom_op("dpar::token_entropy", mutates_args=())
@@ -57,7 +52,8 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
         raise ValueError("logits must have a non-empty last dim (the vocabulary)")
     check_positive("temperature", temperature)
     reject_grad("token_entropy", logits=logits)
-    backend = resolve_backend("token_entropy", backend, logits.device, _supported(_TOKEN_ENTROPY, logits.dtype))
+    supported = supported_for_dtype(tuple(_TOKEN_ENTROPY), logits.dtype)
+    backend = resolve_backend("token_entropy", backend, logits.device, supported)
     lead = logits.shape[:-1]
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1:
@@ -88,7 +84,8 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
     check_positive("temperature", temperature)
     reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
-    backend = resolve_backend("linear_entropy", backend, hidden.device, _supported(_LINEAR_ENTROPY, hidden.dtype))
+    supported = supported_for_dtype(tuple(_LINEAR_ENTROPY), hidden.dtype)
+    backend = resolve_backend("linear_entropy", backend, hidden.device, supported)
     # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
     hidden, weight = _unit_last_stride(hidden), _unit_last_stride(weight)
     bias = None if bias is None else _unit_last_stride(bias)

@@ -5,7 +5,7 @@ Both are differentiable custom ops; each backward is itself a custom op running 
 import torch
 
 from .._checks import check_cu_seqlens, check_float
-from .._dispatch import resolve_backend
+from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
 
@@ -113,7 +113,7 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
-    backend = resolve_backend("patch_gather", backend, x.device, tuple(_GATHER))
+    backend = resolve_backend("patch_gather", backend, x.device, supported_for_dtype(tuple(_GATHER), x.dtype))
     return _gather_op(x, cu_tokens, reduce, backend)[0]
 
 
@@ -133,5 +133,5 @@ def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int
             raise ValueError("cu_tokens must be a non-empty int32 tensor")
         total_tokens = int(cu_tokens[-1].item())
     check_cu_seqlens("cu_tokens", cu_tokens, total_tokens, y.device)
-    backend = resolve_backend("patch_scatter", backend, y.device, tuple(_SCATTER))
+    backend = resolve_backend("patch_scatter", backend, y.device, supported_for_dtype(tuple(_SCATTER), y.dtype))
     return _scatter_op(y, cu_tokens, total_tokens, backend)
