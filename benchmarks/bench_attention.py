@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import dpar_kernels as dk
 
+from .reporting import record
+
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 HEADS, HEAD_DIM = (2, 32) if QUICK else (12, 64)
 SEQUENCES = 4 if QUICK else 16
@@ -128,26 +130,6 @@ IMPLEMENTATIONS = {
     "flex_attention": build_flex,
 }
 
-_MEAN_SECONDS: dict[tuple[str, str], dict[str, float]] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ratio_table(request):
-    """After the module: prints each baseline's mean time over the cpu backend's (>1: cpu backend faster)."""
-    yield
-    if not _MEAN_SECONDS:
-        return
-    lines = [f"varlen attention, cpu backend speed-up over each baseline ({'quick' if QUICK else 'full'} mode, "
-             f"{torch.get_num_threads()} threads; mean times):"]
-    for (problem, mode), times in _MEAN_SECONDS.items():
-        ours = times.get("cpu")
-        for impl, seconds in times.items():
-            ratio = f"{seconds / ours:7.2f}x" if ours and impl != "cpu" else ""
-            lines.append(f"  {problem:<6} {mode:<16} {impl:<20} {seconds * 1e3:10.3f} ms  {ratio}")
-    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        print("\n" + "\n".join(lines))
-
-
 def _runner(fn, inputs, grad, mode: str):
     if mode == "forward":
         def run():
@@ -165,7 +147,7 @@ def _runner(fn, inputs, grad, mode: str):
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("problem", list(PROBLEMS))
-def test_attention(benchmark, problem, mode, impl):
+def test_attention(benchmark, ratios, problem, mode, impl):
     p = PROBLEMS[problem]
     try:
         inputs, fn, grad, to_packed = IMPLEMENTATIONS[impl](p)
@@ -182,8 +164,7 @@ def test_attention(benchmark, problem, mode, impl):
             raise
         pytest.skip(f"{impl} does not run on CPU here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     flops = (4 if mode == "forward" else 14) * HEADS * HEAD_DIM * p.pairs
-    benchmark.group = f"attention-{problem}-{mode}"
-    benchmark.extra_info.update(impl=impl, baseline=impl != "cpu", flops=flops, tokens=p.total)
+    group = f"attention-{problem}-{mode}"
+    record(benchmark, group, impl, baseline=impl != "cpu", flops=flops, tokens=p.total)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP)
-    if benchmark.stats is not None:
-        _MEAN_SECONDS.setdefault((problem, mode), {})[impl] = benchmark.stats.stats.mean
+    ratios.add_time(group, impl, benchmark, baseline=impl != "cpu")

@@ -46,7 +46,7 @@ def linear_inputs():
 TOKEN_IMPLS = {
     "dpar cpu backend": lambda: (lambda x: dk.token_entropy(x, backend="cpu")),
     "torch eager": lambda: eager_entropy,
-    "torch.compile(eager)": lambda: torch.compile(eager_entropy),
+    "torch.compile (inductor)": lambda: torch.compile(eager_entropy),
 }
 
 

@@ -2,7 +2,7 @@
 
 Shape (full mode): 64 images x 256 tokens, DPAR patches of 1-4 tokens cut at 16-token rows, D = 768, fp32.
 Run: pytest benchmarks/bench_gather_scatter.py --benchmark-only  (DPAR_BENCH_QUICK=1: tiny sizes, few rounds).
-At the end, a table prints each baseline's time over the cpu backend's (>1 means the cpu backend is faster).
+The shared ratio table (benchmarks/conftest.py) prints each cpu-backend time as a speed-up over the fastest baseline.
 """
 import os
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import dpar_kernels as dk
+
+from .reporting import record
 
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 IMAGES, TOKENS, ROW_WIDTH, MAX_PATCH, COLS = (4, 32, 16, 4, 32) if QUICK else (64, 256, 16, 4, 768)
@@ -71,35 +73,10 @@ SCATTER_IMPLS = {
     "repeat_interleave": lambda y: y.repeat_interleave(PROBLEM.lengths.long(), dim=0, output_size=PROBLEM.total),
 }
 
-RESULTS = {}  # group -> {impl: (median seconds, min seconds)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ratio_table(request):
-    yield
-    if not RESULTS:
-        return
-    lines = [f"\npatch gather/scatter, {IMAGES}x{TOKENS} tokens, {PROBLEM.num_patches} patches, D={COLS}, fp32, "
-             f"{torch.get_num_threads()} threads: speed-up = best baseline time / dpar_cpu time (median; min)"]
-    for group, times in RESULTS.items():
-        if "dpar_cpu" not in times or len(times) < 2:
-            continue
-        best_name, best = min(((n, t) for n, t in times.items() if n != "dpar_cpu"), key=lambda item: item[1][0])
-        ours = times["dpar_cpu"]
-        best_min = min(t[1] for n, t in times.items() if n != "dpar_cpu")
-        lines.append(f"  {group:<28} dpar_cpu {ours[0] * 1e3:8.3f} ms  best baseline {best_name:<15} "
-                     f"{best[0] * 1e3:8.3f} ms  speed-up {best[0] / ours[0]:5.2f}x; min-based {best_min / ours[1]:5.2f}x")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():  # print past pytest's output capture
-        print("\n".join(lines))
-
-
-def run(benchmark, group, name, fn):
-    benchmark.group = group
+def run(benchmark, ratios, group, name, fn):
+    record(benchmark, group, name, baseline=name != "dpar_cpu")
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    if benchmark.stats is not None:
-        stats = benchmark.stats.stats
-        RESULTS.setdefault(group, {})[name] = (stats.median, stats.min)
+    ratios.add_time(group, name, benchmark, baseline=name != "dpar_cpu")
 
 
 def forward_backward(impl, leaf, grad):
@@ -117,28 +94,28 @@ def check_matches_dpar(impls, arg):
 
 @pytest.mark.parametrize("reduce,impl", [(r, i) for r, impls in GATHER_IMPLS.items() for i in impls])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-def test_gather(benchmark, mode, impl, reduce):
+def test_gather(benchmark, ratios, mode, impl, reduce):
     impls = GATHER_IMPLS[reduce]
     check_matches_dpar(impls, PROBLEM.x)
     fn = impls[impl]
     group = f"gather_{reduce}_{mode}"
     if mode == "forward":
         with torch.no_grad():
-            run(benchmark, group, impl, lambda: fn(PROBLEM.x))
+            run(benchmark, ratios, group, impl, lambda: fn(PROBLEM.x))
     else:
-        run(benchmark, group, impl, forward_backward(fn, PROBLEM.x.clone().requires_grad_(True),
+        run(benchmark, ratios, group, impl, forward_backward(fn, PROBLEM.x.clone().requires_grad_(True),
                                                       PROBLEM.grad_patches))
 
 
 @pytest.mark.parametrize("impl", list(SCATTER_IMPLS))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-def test_scatter(benchmark, mode, impl):
+def test_scatter(benchmark, ratios, mode, impl):
     check_matches_dpar(SCATTER_IMPLS, PROBLEM.y)
     fn = SCATTER_IMPLS[impl]
     group = f"scatter_{mode}"
     if mode == "forward":
         with torch.no_grad():
-            run(benchmark, group, impl, lambda: fn(PROBLEM.y))
+            run(benchmark, ratios, group, impl, lambda: fn(PROBLEM.y))
     else:
-        run(benchmark, group, impl, forward_backward(fn, PROBLEM.y.clone().requires_grad_(True),
+        run(benchmark, ratios, group, impl, forward_backward(fn, PROBLEM.y.clone().requires_grad_(True),
                                                       PROBLEM.grad_tokens))

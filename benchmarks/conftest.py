@@ -12,18 +12,19 @@ QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 
 
 class RatioTable:
-    """times[group][name] = mean seconds; baselines[group] = name; values: (group, name, value, unit) rows."""
+    """times[group][name] = (mean seconds, is_baseline); values: (group, name, value, unit) rows.
+
+    Each non-baseline timing prints as a speed-up over the fastest baseline of its group (as benchmarks/report.py).
+    """
 
     def __init__(self):
-        self.times, self.baselines, self.values = {}, {}, []
+        self.times, self.values = {}, []
 
     def add_time(self, group: str, name: str, benchmark, baseline: bool = False) -> None:
         """Records the mean time of a finished pytest-benchmark run (nothing if benchmarking is disabled)."""
         if benchmark.stats is None:
             return
-        self.times.setdefault(group, {})[name] = benchmark.stats.stats.mean
-        if baseline:
-            self.baselines[group] = name
+        self.times.setdefault(group, {})[name] = (benchmark.stats.stats.mean, baseline)
 
     def add_value(self, group: str, name: str, value: float, unit: str) -> None:
         self.values.append((group, name, value, unit))
@@ -31,9 +32,10 @@ class RatioTable:
     def lines(self) -> list[str]:
         out = []
         for group, times in self.times.items():
-            base = times.get(self.baselines.get(group))
-            for name, seconds in times.items():
-                ratio = f"{base / seconds:8.2f}x vs {self.baselines[group]}" if base else ""
+            baselines = {name: seconds for name, (seconds, is_base) in times.items() if is_base}
+            best = min(baselines, key=baselines.get) if baselines else None
+            for name, (seconds, is_base) in times.items():
+                ratio = "" if is_base or best is None else f"{baselines[best] / seconds:8.2f}x vs {best}"
                 out.append(f"{group:<28} {name:<34} {seconds * 1e3:12.3f} ms {ratio}")
         out += [f"{group:<28} {name:<34} {value:12.4g} {unit}" for group, name, value, unit in self.values]
         return out
