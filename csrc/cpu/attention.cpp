@@ -136,14 +136,23 @@ std::vector<WorkItem> make_items(int64_t batch, int64_t heads, int64_t block, Le
 // Small problems use fewer threads: waking a thread costs more than kMinCostPerThread (query, key) pairs of work.
 constexpr int64_t kMinCostPerThread = 1 << 16;
 
+int64_t total_cost(const std::vector<WorkItem>& items) {
+  int64_t total = 0;
+  for (const WorkItem& item : items) total += item.cost;
+  return total;
+}
+
+// Threads run_items uses for these items (at least 1).
+int64_t thread_count(const std::vector<WorkItem>& items) {
+  const int64_t max_threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+  return std::clamp<int64_t>(total_cost(items) / kMinCostPerThread, 1, std::max<int64_t>(1, max_threads));
+}
+
 template <typename Scratch, typename Fn>
 void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
   const int64_t count = static_cast<int64_t>(items.size());
   if (count == 0) return;
-  int64_t total_cost = 0;
-  for (const WorkItem& item : items) total_cost += item.cost;
-  const int64_t max_threads = std::min<int64_t>(at::get_num_threads(), count);
-  const int64_t threads = std::clamp<int64_t>(total_cost / kMinCostPerThread, 1, max_threads);
+  const int64_t threads = thread_count(items);
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t, int64_t) {
     Scratch scratch(head_dim);
@@ -168,6 +177,27 @@ struct Workspace {
       : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), s(kBlockQ * kBlockK),
         ds(kBlockQ * kBlockK), acc(std::max(kBlockQ, kBlockK) * dp),
         acc2(kBlockK * dp), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
+};
+
+// Per-thread buffers of the fused backward. Whole-sequence buffers (all query heads of a kv-head group, rows of
+// padded length dp) grow to the largest sequence; key-block tiles have fixed sizes.
+template <typename acc_t>
+struct FusedWorkspace {
+  int64_t dp;
+  std::vector<acc_t> q, dout, dq, lse, delta;          // [group * len_q][dp] / [group * len_q]
+  std::vector<acc_t> kt, vt, k_rows, s, ds, dk, dv;    // one key block
+  std::vector<int> visible;
+
+  explicit FusedWorkspace(int64_t d)
+      : dp(cpu::attention::padded_dim<acc_t>(d)), kt(d * kBlockK), vt(d * kBlockK), k_rows(kBlockK * dp),
+        s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), visible(kBlockQ) {}
+
+  void reserve_queries(int64_t rows) {
+    if (static_cast<int64_t>(lse.size()) >= rows) return;
+    for (auto* buffer : {&q, &dout, &dq}) buffer->resize(rows * dp);
+    lse.resize(rows);
+    delta.resize(rows);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------- tile I/O
@@ -379,7 +409,6 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
   using acc_t = at::opmath_type<scalar_t>;
   const HeadRows<const scalar_t> dout_rows(dout), q_rows(q);
   const HeadRows<scalar_t> dq_rows(dq), dk_rows(dk), dv_rows(dv);
-  const KeyTiles<scalar_t> keys(p, k, v, /*backward=*/true);
   const acc_t* lse_data = lse.data_ptr<acc_t>();
   const int64_t lse_head_stride = lse.stride(0), lse_token_stride = lse.stride(1);
   const int64_t d = p.head_dim, total_q = q.size(0);
@@ -397,7 +426,66 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
     }
   };
 
-  // dK, dV: one item per (sequence, kv head, key block); ws.acc holds dK, ws.acc2 dV.
+  // Fused single pass: one item per (sequence, kv head) computes dQ, dK and dV of the sequence for that kv head
+  // and its query heads, so P and dP are computed once per tile. dQ accumulates over the key blocks (in order:
+  // deterministic) in the thread's whole-sequence buffer. Used unless one item would dominate a thread's share
+  // (e.g. one long sequence with few kv heads), where the two-pass split below parallelises better.
+  const auto sequence_items = make_items(
+      p.batch(), p.heads_k, std::numeric_limits<int32_t>::max(), [&](int64_t b) { return std::max<int64_t>(p.len_k(b), 1); },
+      [&](int64_t b, int64_t, int64_t) {
+        int64_t cost = 0;
+        for (int64_t key = 0; key < p.len_k(b); key += kBlockK) {
+          cost += std::min<int64_t>(kBlockK, p.len_k(b) - key) * p.group * (p.len_q(b) - p.first_query(b, key));
+        }
+        return cost;
+      });
+  if (sequence_items.empty() ||
+      sequence_items.front().cost * thread_count(sequence_items) <= total_cost(sequence_items)) {
+    const HeadRows<const scalar_t> k_src(k), v_src(v);
+    run_items<FusedWorkspace<acc_t>>(sequence_items, d, [&](const WorkItem& item, FusedWorkspace<acc_t>& ws) {
+      const int64_t b = item.seq, kv_head = item.head, len_q = p.len_q(b), dp = ws.dp;
+      ws.reserve_queries(p.group * len_q);
+      for (int64_t g = 0; g < p.group; ++g) {  // query head kv_head * group + g owns rows [g * len_q, ...)
+        const int64_t h = kv_head * p.group + g, token = p.cu_q[b];
+        load_rows(q_rows, token, h, len_q, d, scale, ws.q.data() + g * len_q * dp, dp);
+        load_rows(dout_rows, token, h, len_q, d, acc_t(1), ws.dout.data() + g * len_q * dp, dp);
+        for (int64_t i = 0; i < len_q; ++i) {
+          ws.lse[g * len_q + i] = lse_data[h * lse_head_stride + (token + i) * lse_token_stride];
+          ws.delta[g * len_q + i] = delta[h * total_q + token + i];
+        }
+      }
+      std::fill(ws.dq.begin(), ws.dq.begin() + p.group * len_q * dp, acc_t(0));
+      for (int64_t key = 0; key < p.len_k(b); key += kBlockK) {
+        const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), k_token = p.cu_k[b] + key;
+        load_transposed(k_src, k_token, kv_head, cols, d, ws.kt.data());
+        load_transposed(v_src, k_token, kv_head, cols, d, ws.vt.data());
+        load_rows(k_src, k_token, kv_head, cols, d, acc_t(1), ws.k_rows.data(), dp);
+        std::fill(ws.dk.begin(), ws.dk.begin() + cols * dp, acc_t(0));
+        std::fill(ws.dv.begin(), ws.dv.begin() + cols * dp, acc_t(0));
+        const int64_t first_block = p.first_query(b, key) / kBlockQ * kBlockQ;
+        for (int64_t g = 0; g < p.group; ++g) {
+          for (int64_t q_start = first_block; q_start < len_q; q_start += kBlockQ) {
+            const int64_t rows = std::min<int64_t>(kBlockQ, len_q - q_start), row0 = g * len_q + q_start;
+            p.visible(b, q_start, rows, key, cols, ws.visible.data());
+            cpu::attention::backward_fused_tile(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, d, dp,
+                                                ws.kt.data(), ws.vt.data(), ws.k_rows.data(), cols,
+                                                ws.visible.data(), ws.lse.data() + row0, ws.delta.data() + row0,
+                                                ws.s.data(), ws.ds.data(), ws.dq.data() + row0 * dp,
+                                                ws.dk.data(), ws.dv.data());
+          }
+        }
+        store_rows(ws.dk.data(), dp, cols, d, acc_t(1), dk_rows, k_token, kv_head);
+        store_rows(ws.dv.data(), dp, cols, d, acc_t(1), dv_rows, k_token, kv_head);
+      }
+      for (int64_t g = 0; g < p.group; ++g) {
+        store_rows(ws.dq.data() + g * len_q * dp, dp, len_q, d, scale, dq_rows, p.cu_q[b], kv_head * p.group + g);
+      }
+    });
+    return;
+  }
+
+  // Two passes. dK, dV: one item per (sequence, kv head, key block); ws.acc holds dK, ws.acc2 dV.
+  const KeyTiles<scalar_t> keys(p, k, v, /*backward=*/true);
   const auto key_items = make_items(
       p.batch(), p.heads_k, kBlockK, [&](int64_t b) { return p.len_k(b); },
       [&](int64_t b, int64_t start, int64_t cols) { return cols * p.group * (p.len_q(b) - p.first_query(b, start)); });

@@ -238,6 +238,17 @@ DPAR_INLINE void backward_query_block(const T* q, const T* dout, int64_t rows, i
   gemm_accumulate(ds, kBlockK, 1, k, dp, dq, dp, rows, cols, dp / W);
 }
 
+// Backward, both sides of one tile in one pass: dv += P^T dout, dk += dS^T q, dq += dS k (dq unscaled, as in
+// backward_query_block).
+template <typename T>
+DPAR_INLINE void backward_fused_block(const T* q, const T* dout, int64_t rows, int64_t d, int64_t dp, const T* kt,
+                                      const T* vt, const T* k, int64_t cols, const int* visible, const T* lse,
+                                      const T* delta, T* p, T* ds, T* dq, T* dk, T* dv) {
+  constexpr int W = Simd<T>::kWidth;
+  backward_key_block(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds, dk, dv);
+  gemm_accumulate(ds, kBlockK, 1, k, dp, dq, dp, rows, cols, dp / W);
+}
+
 // Entry points: float versions compiled per instruction set, double versions plain.
 DPAR_SIMD_CLONES static void forward_tile(const float* q, int64_t rows, int64_t d, int64_t dp, const float* kt,
                                           const float* v, int64_t cols, const int* visible, float* s, float* m,
@@ -273,6 +284,20 @@ static void backward_query_tile(const double* q, const double* dout, int64_t row
                                 const int* visible, const double* lse, const double* delta, double* p, double* ds,
                                 double* dq) {
   backward_query_block(q, dout, rows, d, dp, kt, vt, k, cols, visible, lse, delta, p, ds, dq);
+}
+
+DPAR_SIMD_CLONES static void backward_fused_tile(const float* q, const float* dout, int64_t rows, int64_t d,
+                                                 int64_t dp, const float* kt, const float* vt, const float* k,
+                                                 int64_t cols, const int* visible, const float* lse,
+                                                 const float* delta, float* p, float* ds, float* dq, float* dk,
+                                                 float* dv) {
+  backward_fused_block(q, dout, rows, d, dp, kt, vt, k, cols, visible, lse, delta, p, ds, dq, dk, dv);
+}
+static void backward_fused_tile(const double* q, const double* dout, int64_t rows, int64_t d, int64_t dp,
+                                const double* kt, const double* vt, const double* k, int64_t cols,
+                                const int* visible, const double* lse, const double* delta, double* p, double* ds,
+                                double* dq, double* dk, double* dv) {
+  backward_fused_block(q, dout, rows, d, dp, kt, vt, k, cols, visible, lse, delta, p, ds, dq, dk, dv);
 }
 
 }  // namespace dpar::cpu::attention
