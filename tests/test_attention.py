@@ -184,6 +184,22 @@ def test_cpu_backend_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lengths", [[520], [200, 0, 200, 3, 200, 180]])
+def test_cpu_backward_fused_and_two_pass_schedules(threads, lengths):
+    """The C++ backward runs one fused pass per (sequence, kv head) unless one such item would dominate a
+    thread's share: then it splits into a dK/dV and a dQ pass. With 2 threads, [520] takes the split and the
+    balanced batch the fused pass; with 1 thread both take the fused pass. Every schedule must match the reference."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the dpar_kernels._C extension is not built")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference("cpu", torch.float32, lengths, lengths, 2, 1, 32, True)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_empty_batch_and_all_empty_sequences():
     for backend in BACKENDS:
         q, k, v, cu_q, cu_k = make_inputs([0, 0], [0, 3], 2, 1, 32, torch.float32)

@@ -142,17 +142,12 @@ int64_t total_cost(const std::vector<WorkItem>& items) {
   return total;
 }
 
-// Threads run_items uses for these items (at least 1).
-int64_t thread_count(const std::vector<WorkItem>& items) {
-  const int64_t max_threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
-  return std::clamp<int64_t>(total_cost(items) / kMinCostPerThread, 1, std::max<int64_t>(1, max_threads));
-}
-
 template <typename Scratch, typename Fn>
 void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
   const int64_t count = static_cast<int64_t>(items.size());
   if (count == 0) return;
-  const int64_t threads = thread_count(items);
+  const int64_t max_threads = std::min<int64_t>(at::get_num_threads(), count);
+  const int64_t threads = std::clamp<int64_t>(total_cost(items) / kMinCostPerThread, 1, max_threads);
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t, int64_t) {
     Scratch scratch(head_dim);
@@ -439,8 +434,10 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
         }
         return cost;
       });
-  if (sequence_items.empty() ||
-      sequence_items.front().cost * thread_count(sequence_items) <= total_cost(sequence_items)) {
+  // threads the two-pass split could keep busy (its items are small)
+  const int64_t split_threads =
+      std::clamp<int64_t>(total_cost(sequence_items) / kMinCostPerThread, 1, at::get_num_threads());
+  if (sequence_items.empty() || sequence_items.front().cost * split_threads <= total_cost(sequence_items)) {
     const HeadRows<const scalar_t> k_src(k), v_src(v);
     run_items<FusedWorkspace<acc_t>>(sequence_items, d, [&](const WorkItem& item, FusedWorkspace<acc_t>& ws) {
       const int64_t b = item.seq, kv_head = item.head, len_q = p.len_q(b), dp = ws.dp;
