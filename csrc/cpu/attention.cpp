@@ -7,9 +7,12 @@
 //
 // Work is a flat list of tiles built from cu_seqlens, heaviest first, handed out dynamically to the threads of
 // at::parallel_for (OpenMP), so one long sequence and many short ones balance. Each item owns its output rows:
-// no atomics, deterministic. Forward and dQ: items (sequence, query head, block of kBlockQ queries) loop over key
-// blocks of kBlockK with an online softmax, skipping key blocks above the causal diagonal. dK/dV: items
-// (sequence, kv head, key block) loop over the query heads of the group and the query blocks that see the keys.
+// no atomics, deterministic. Forward: items (sequence, query head, block of kBlockQ queries) loop over key
+// blocks of kBlockK with an online softmax, skipping key blocks above the causal diagonal. Backward, fused (the
+// usual case): items (sequence, kv head) loop over key blocks, then over the query heads of the group and the
+// query blocks that see the keys, computing P and dS once per tile for dQ, dK and dV. Backward, split (when one
+// such item would dominate a thread's share): dK/dV items (sequence, kv head, key block) as above, then dQ items
+// (sequence, query head, query block) that recompute P and dS.
 // Tiles are converted to the compute type (float; double for float64) once on load; see attention_tiles.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
