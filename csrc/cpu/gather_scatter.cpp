@@ -77,7 +77,7 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t x_stride = x.stride(0);
   scalar_t* op = out.data_ptr<scalar_t>();
-  int32_t* ap = reduce == Reduce::Max ? argmax.data_ptr<int32_t>() : nullptr;
+  int32_t* ap = argmax.numel() > 0 ? argmax.data_ptr<int32_t>() : nullptr;  // null: no arg-max wanted
   const int64_t cols = x.size(1);
   for_each_unit(out.size(0), cols, x.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
     const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
@@ -104,9 +104,10 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
           arg[j] = take ? token : arg[j];
         }
       }
+      for (int64_t j = 0; j < width; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+      if (ap == nullptr) return;
       int32_t* a = ap + p * cols + c0;
       for (int64_t j = 0; j < width; ++j) {
-        o[j] = static_cast<scalar_t>(acc[j]);
         a[j] = std::isnan(static_cast<double>(acc[j])) ? -1 : arg[j];  // NaN equals no token (as the reference)
       }
       return;
@@ -122,14 +123,14 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_gather_cpu(const at::Tensor& x, const at::Tensor& cu_tokens,
-                                                     std::string_view reduce_name) {
+                                                     std::string_view reduce_name, bool with_argmax) {
   const Reduce reduce = parse_reduce(reduce_name);
   check_rows(x, "x");
   const at::Tensor cu = cu_tokens.contiguous();
   check_offsets(cu, x.size(0));
   const int64_t num_patches = cu.numel() - 1;
   at::Tensor out = at::empty({num_patches, x.size(1)}, x.options());
-  at::Tensor argmax = reduce == Reduce::Max ? at::empty({num_patches, x.size(1)}, x.options().dtype(at::kInt))
+  at::Tensor argmax = reduce == Reduce::Max && with_argmax ? at::empty({num_patches, x.size(1)}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_gather_cpu", [&] {
     gather_kernel<scalar_t>(x, cu.data_ptr<int32_t>(), reduce, out, argmax);
@@ -226,7 +227,7 @@ at::Tensor patch_scatter_cpu(const at::Tensor& y, const at::Tensor& cu_tokens, i
 }  // namespace dpar
 
 TORCH_LIBRARY_FRAGMENT(dpar_C, m) {
-  m.def("patch_gather(Tensor x, Tensor cu_tokens, str reduce) -> (Tensor, Tensor)");
+  m.def("patch_gather(Tensor x, Tensor cu_tokens, str reduce, bool with_argmax) -> (Tensor, Tensor)");
   m.def("patch_gather_backward(Tensor grad_out, Tensor cu_tokens, Tensor argmax, int total, str reduce) -> Tensor");
   m.def("patch_scatter(Tensor y, Tensor cu_tokens, int total) -> Tensor");
 }
