@@ -130,7 +130,7 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
           const acc_t v = static_cast<acc_t>(row[j]);
-          const bool take = v > acc[j] || v != v;  // strict: ties keep the first token; NaN propagates
+          const bool take = (v > acc[j]) | (v != v);  // strict: ties keep the first token; NaN propagates
           acc[j] = take ? v : acc[j];
           arg[j] = take ? token : arg[j];
         }
@@ -149,7 +149,7 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
           const acc_t v = static_cast<acc_t>(row[j]);
-          acc[j] = v > acc[j] || v != v ? v : acc[j];  // NaN propagates
+          acc[j] = (v > acc[j]) | (v != v) ? v : acc[j];  // NaN propagates
         }
       }
     } else {
@@ -201,15 +201,18 @@ void gather_backward_kernel(const at::Tensor& grad_out, const int32_t* cu, const
     const scalar_t* g = gp + p * cols + c0;
     if (reduce == Reduce::Max) {
       const int32_t* a = argmax + p * cols + c0;
-      bool bad = false;
-#pragma omp simd reduction(|| : bad)
-      for (int64_t j = 0; j < width; ++j) bad = bad || (a[j] >= 0 && (a[j] < start || a[j] >= stop));
+      int bad = 0;  // branch-free (| not ||) so that the loop vectorises
+#pragma omp simd reduction(| : bad)
+      for (int64_t j = 0; j < width; ++j) bad |= (a[j] >= 0) & ((a[j] < start) | (a[j] >= stop));
       if (bad) bad_argmax = true;  // such a column gets no gradient (a NaN column, a < 0, gets none either)
       for (int64_t t = start; t < stop; ++t) {
         scalar_t* row = xp + t * cols + c0;
         const int32_t token = static_cast<int32_t>(t);
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) row[j] = a[j] == token ? g[j] : scalar_t(0);
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t value = g[j];  // loaded unconditionally: a select, not a branch
+          row[j] = a[j] == token ? value : scalar_t(0);
+        }
       }
       return;
     }
