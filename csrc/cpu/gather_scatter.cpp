@@ -21,11 +21,11 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace dpar {
 namespace {
 
-constexpr int64_t kChunk = 256;              // columns per accumulator chunk (it lives on the stack)
 constexpr int64_t kGrainElements = 1 << 15;  // rough number of elements a thread should get at least
 
 enum class Reduce { Max, Sum, Mean };
@@ -109,23 +109,22 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
   scalar_t* op = out.data_ptr<scalar_t>();
   int32_t* ap = argmax.numel() > 0 ? argmax.data_ptr<int32_t>() : nullptr;  // null: no arg-max wanted
   const int64_t cols = x.size(1);
-  auto gather_chunk = [&](int64_t p, int64_t c0, int64_t c1) {
-    const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
-    scalar_t* o = op + p * cols + c0;
+  // Whole rows at a time (acc / arg are per-thread [cols] buffers), so x is read as one sequential stream.
+  auto gather_patch = [&](int64_t p, acc_t* acc, int32_t* arg) {
+    const int64_t start = cu[p], stop = cu[p + 1], width = cols;
+    scalar_t* o = op + p * cols;
     if (start == stop) {  // empty patch: 0 for every reduction, no arg-max
       std::fill(o, o + width, scalar_t(0));
-      if (ap != nullptr) std::fill(ap + p * cols + c0, ap + p * cols + c1, -1);
+      if (ap != nullptr) std::fill(ap + p * cols, ap + (p + 1) * cols, -1);
       return;
     }
-    acc_t acc[kChunk];
-    const scalar_t* first = xp + start * x_stride + c0;
+    const scalar_t* first = xp + start * x_stride;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) acc[j] = static_cast<acc_t>(first[j]);
     if (reduce == Reduce::Max && ap != nullptr) {
-      int32_t arg[kChunk];
       std::fill(arg, arg + width, static_cast<int32_t>(start));
       for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride + c0;
+        const scalar_t* row = xp + t * x_stride;
         const int32_t token = static_cast<int32_t>(t);
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
@@ -135,7 +134,7 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
           arg[j] = take ? token : arg[j];
         }
       }
-      int32_t* a = ap + p * cols + c0;
+      int32_t* a = ap + p * cols;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         o[j] = static_cast<scalar_t>(acc[j]);
@@ -145,7 +144,7 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
     }
     if (reduce == Reduce::Max) {
       for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride + c0;
+        const scalar_t* row = xp + t * x_stride;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
           const acc_t v = static_cast<acc_t>(row[j]);
@@ -154,7 +153,7 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
       }
     } else {
       for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride + c0;
+        const scalar_t* row = xp + t * x_stride;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
       }
@@ -164,9 +163,9 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
     for (int64_t j = 0; j < width; ++j) o[j] = static_cast<scalar_t>(acc[j] * scale);
   };
   for_each_patch_range(cu, out.size(0), cols, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c0 = 0; c0 < cols; c0 += kChunk) gather_chunk(p, c0, std::min(cols, c0 + kChunk));
-    }
+    std::vector<acc_t> acc(cols);
+    std::vector<int32_t> arg(ap != nullptr ? cols : 0);
+    for (int64_t p = p0; p < p1; ++p) gather_patch(p, acc.data(), arg.data());
   });
 }
 
@@ -195,18 +194,19 @@ void gather_backward_kernel(const at::Tensor& grad_out, const int32_t* cu, const
   const int64_t cols = grad_out.size(1);
   // each token row is written once: its patch's gradient where it is the column's arg-max (max) or everywhere
   // (sum: the gradient, mean: the gradient / length)
-  auto spread_chunk = [&](int64_t p, int64_t c0, int64_t c1) {
-    const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
+  // whole rows at a time (scaled is a per-thread [cols] buffer), so grad_x is written as one sequential stream
+  auto spread_patch = [&](int64_t p, scalar_t* scaled) {
+    const int64_t start = cu[p], stop = cu[p + 1], width = cols;
     if (start == stop) return;
-    const scalar_t* g = gp + p * cols + c0;
+    const scalar_t* g = gp + p * cols;
     if (reduce == Reduce::Max) {
-      const int32_t* a = argmax + p * cols + c0;
+      const int32_t* a = argmax + p * cols;
       int bad = 0;  // branch-free (| not ||) so that the loop vectorises
 #pragma omp simd reduction(| : bad)
       for (int64_t j = 0; j < width; ++j) bad |= (a[j] >= 0) & ((a[j] < start) | (a[j] >= stop));
       if (bad) bad_argmax = true;  // such a column gets no gradient (a NaN column, a < 0, gets none either)
       for (int64_t t = start; t < stop; ++t) {
-        scalar_t* row = xp + t * cols + c0;
+        scalar_t* row = xp + t * cols;
         const int32_t token = static_cast<int32_t>(t);
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
@@ -216,16 +216,14 @@ void gather_backward_kernel(const at::Tensor& grad_out, const int32_t* cu, const
       }
       return;
     }
-    scalar_t scaled[kChunk];
     const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) scaled[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * scale);
-    for (int64_t t = start; t < stop; ++t) std::copy(scaled, scaled + width, xp + t * cols + c0);
+    for (int64_t t = start; t < stop; ++t) std::copy(scaled, scaled + width, xp + t * cols);
   };
   for_each_patch_range(cu, grad_out.size(0), cols, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c0 = 0; c0 < cols; c0 += kChunk) spread_chunk(p, c0, std::min(cols, c0 + kChunk));
-    }
+    std::vector<scalar_t> scaled(reduce == Reduce::Max ? 0 : cols);
+    for (int64_t p = p0; p < p1; ++p) spread_patch(p, scaled.data());
   });
 }
 
