@@ -128,6 +128,30 @@ def test_max_ties_go_to_the_first_token(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_max_without_grad_skips_the_argmax_and_matches(backend):
+    cu = cu_from_lengths([3, 0, 1, 5, 2])
+    x = torch.randn(11, 6)
+    x[1, 2] = x[0, 2]  # a tie
+    x[8, 4] = float("nan")
+    grad_out = torch.randn(5, 6)
+    with poisoned_outputs():
+        with torch.no_grad():
+            no_grad_out = dk.patch_gather(x.clone().requires_grad_(True), cu, reduce="max", backend=backend)
+        plain_out = dk.patch_gather(x, cu, reduce="max", backend=backend)  # x does not require grad
+        leaf = x.clone().requires_grad_(True)
+        with_grad = dk.patch_gather(leaf, cu, reduce="max", backend=backend)
+        with_grad.backward(grad_out)
+    torch.testing.assert_close(no_grad_out, with_grad.detach(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(plain_out, with_grad.detach(), rtol=0, atol=0, equal_nan=True)
+    _, expected_grad = reference_gather(leaf, cu, "max", grad_out)
+    assert torch.equal(leaf.grad.double(), expected_grad)
+    for with_argmax in (False, True):
+        out, argmax = torch.ops.dpar.patch_gather(x, cu, "max", with_argmax, backend)
+        assert argmax.shape == ((5, 6) if with_argmax else (0,))
+        torch.testing.assert_close(out, no_grad_out, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scatter_then_gather_mean_returns_the_input(backend):
     lengths = [3, 1, 0, 2, 1200 if backend != "triton" else 40]
     cu = cu_from_lengths(lengths)
@@ -202,9 +226,11 @@ def test_bad_inputs_name_the_argument(call, error, name):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the dpar_kernels._C extension is not built")
 @pytest.mark.parametrize("call,error,name", [
-    (lambda: torch.ops.dpar_C.patch_gather(torch.randn(6, 4), torch.tensor([0, 7], dtype=torch.int32), "sum"),
+    (lambda: torch.ops.dpar_C.patch_gather(torch.randn(6, 4), torch.tensor([0, 7], dtype=torch.int32), "sum",
+                                           False),
      ValueError, "cu_tokens"),
-    (lambda: torch.ops.dpar_C.patch_gather(torch.randn(6, 4), torch.tensor([0, 6], dtype=torch.int32), "min"),
+    (lambda: torch.ops.dpar_C.patch_gather(torch.randn(6, 4), torch.tensor([0, 6], dtype=torch.int32), "min",
+                                           True),
      ValueError, "reduce"),
     (lambda: torch.ops.dpar_C.patch_scatter(torch.randn(2, 4), torch.tensor([0, 3, 2], dtype=torch.int32), 2),
      ValueError, "cu_tokens"),

@@ -1,8 +1,9 @@
 // Patch gather (max / sum / mean over each patch's tokens), its backward, and patch scatter: schemas + CPU kernels.
 //
 // Shapes: x [total, D] packed tokens (row stride free, stride(1) == 1), cu_tokens int32 [P+1] token offsets of each
-// patch, out [P, D]. Work is split over (patch, column chunk) units with at::parallel_for (OpenMP); each unit owns
-// its output rows, so nothing is written twice and no atomics are needed. Accumulation is in fp32 (fp64 for fp64).
+// patch, out [P, D]. Each thread (at::parallel_for, OpenMP) takes one contiguous range of patches, balanced by tokens,
+// and owns their output rows, so nothing is written twice and no atomics are needed. Accumulation is in fp32
+// (fp64 for fp64).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -10,17 +11,21 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace dpar {
 namespace {
 
-constexpr int64_t kChunk = 256;          // columns per work unit (the accumulator lives on the stack)
 constexpr int64_t kGrainElements = 1 << 15;  // rough number of elements a thread should get at least
 
 enum class Reduce { Max, Sum, Mean };
@@ -54,21 +59,46 @@ void check_offsets(const at::Tensor& cu, int64_t total) {
   TORCH_CHECK_VALUE(c[n - 1] == total, "cu_tokens must end at the total length ", total, ", got ", c[n - 1]);
 }
 
-// Runs body(patch, col_begin, col_end) over every (patch, column chunk) unit in parallel.
+// First patch p with cu[p] + p >= target: patch ranges balanced by tokens plus patches (an empty patch costs one).
+int64_t patch_at_work(const int32_t* cu, int64_t num_patches, int64_t target) {
+  int64_t lo = 0, hi = num_patches;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (cu[mid] + mid >= target) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Runs body(patch_begin, patch_end) on one contiguous patch range per thread. Patches are consecutive token rows,
+// so each thread reads and writes one contiguous slab (its own pages: first touch happens in parallel).
 template <typename Body>
-void for_each_unit(int64_t num_patches, int64_t cols, int64_t total, const Body& body) {
-  const int64_t chunks = std::max<int64_t>(1, (cols + kChunk - 1) / kChunk);
-  const int64_t units = num_patches * chunks;
-  if (units == 0) return;
-  const int64_t elements_per_unit = std::max<int64_t>(1, (total * cols + units - 1) / units);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / elements_per_unit);
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t patch = u / chunks;
-      const int64_t col = (u % chunks) * kChunk;
-      body(patch, col, std::min(cols, col + kChunk));
+void for_each_patch_range(const int32_t* cu, int64_t num_patches, int64_t cols, const Body& body) {
+  if (num_patches == 0) return;
+  const int64_t work = cu[num_patches] + num_patches;
+  const int64_t ranges = std::clamp<int64_t>(work * std::max<int64_t>(cols, 1) / kGrainElements, 1,
+                                             at::get_num_threads());
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      body(patch_at_work(cu, num_patches, work * r / ranges), patch_at_work(cu, num_patches, work * (r + 1) / ranges));
     }
   });
+}
+
+// at::empty for an output the kernel overwrites completely. Writing freshly mapped memory is dominated by page
+// faults; large buffers are advised to use transparent huge pages (one fault per 2 MiB instead of per 4 KiB).
+// The advice is a hint: where the kernel refuses it, nothing changes.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+  if (out.nbytes() >= 2 * kHugePage && last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
 
 template <typename scalar_t>
@@ -77,59 +107,77 @@ void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Te
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t x_stride = x.stride(0);
   scalar_t* op = out.data_ptr<scalar_t>();
-  int32_t* ap = reduce == Reduce::Max ? argmax.data_ptr<int32_t>() : nullptr;
+  int32_t* ap = argmax.numel() > 0 ? argmax.data_ptr<int32_t>() : nullptr;  // null: no arg-max wanted
   const int64_t cols = x.size(1);
-  for_each_unit(out.size(0), cols, x.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
-    const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
-    scalar_t* o = op + p * cols + c0;
+  // Whole rows at a time (acc / arg are per-thread [cols] buffers), so x is read as one sequential stream.
+  auto gather_patch = [&](int64_t p, acc_t* acc, int32_t* arg) {
+    const int64_t start = cu[p], stop = cu[p + 1], width = cols;
+    scalar_t* o = op + p * cols;
     if (start == stop) {  // empty patch: 0 for every reduction, no arg-max
-      for (int64_t j = 0; j < width; ++j) o[j] = scalar_t(0);
-      if (ap != nullptr) std::fill(ap + p * cols + c0, ap + p * cols + c1, -1);
+      std::fill(o, o + width, scalar_t(0));
+      if (ap != nullptr) std::fill(ap + p * cols, ap + (p + 1) * cols, -1);
       return;
     }
-    acc_t acc[kChunk];
-    const scalar_t* first = xp + start * x_stride + c0;
+    const scalar_t* first = xp + start * x_stride;
+#pragma omp simd
     for (int64_t j = 0; j < width; ++j) acc[j] = static_cast<acc_t>(first[j]);
-    if (reduce == Reduce::Max) {
-      int32_t arg[kChunk];
-      for (int64_t j = 0; j < width; ++j) arg[j] = static_cast<int32_t>(start);
+    if (reduce == Reduce::Max && ap != nullptr) {
+      std::fill(arg, arg + width, static_cast<int32_t>(start));
       for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride + c0;
+        const scalar_t* row = xp + t * x_stride;
         const int32_t token = static_cast<int32_t>(t);
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
           const acc_t v = static_cast<acc_t>(row[j]);
-          const bool take = v > acc[j] || v != v;  // strict: ties keep the first token; NaN propagates
+          const bool take = (v > acc[j]) | (v != v);  // strict: ties keep the first token; NaN propagates
           acc[j] = take ? v : acc[j];
           arg[j] = take ? token : arg[j];
         }
       }
-      int32_t* a = ap + p * cols + c0;
+      int32_t* a = ap + p * cols;
+#pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         o[j] = static_cast<scalar_t>(acc[j]);
-        a[j] = std::isnan(static_cast<double>(acc[j])) ? -1 : arg[j];  // NaN equals no token (as the reference)
+        a[j] = acc[j] != acc[j] ? -1 : arg[j];  // NaN equals no token (as the reference)
       }
       return;
     }
-    for (int64_t t = start + 1; t < stop; ++t) {
-      const scalar_t* row = xp + t * x_stride + c0;
+    if (reduce == Reduce::Max) {
+      for (int64_t t = start + 1; t < stop; ++t) {
+        const scalar_t* row = xp + t * x_stride;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
+        for (int64_t j = 0; j < width; ++j) {
+          const acc_t v = static_cast<acc_t>(row[j]);
+          acc[j] = (v > acc[j]) | (v != v) ? v : acc[j];  // NaN propagates
+        }
+      }
+    } else {
+      for (int64_t t = start + 1; t < stop; ++t) {
+        const scalar_t* row = xp + t * x_stride;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
+      }
     }
     const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
+#pragma omp simd
     for (int64_t j = 0; j < width; ++j) o[j] = static_cast<scalar_t>(acc[j] * scale);
+  };
+  for_each_patch_range(cu, out.size(0), cols, [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> acc(cols);
+    std::vector<int32_t> arg(ap != nullptr ? cols : 0);
+    for (int64_t p = p0; p < p1; ++p) gather_patch(p, acc.data(), arg.data());
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_gather_cpu(const at::Tensor& x, const at::Tensor& cu_tokens,
-                                                     std::string_view reduce_name) {
+                                                     std::string_view reduce_name, bool with_argmax) {
   const Reduce reduce = parse_reduce(reduce_name);
   check_rows(x, "x");
   const at::Tensor cu = cu_tokens.contiguous();
   check_offsets(cu, x.size(0));
   const int64_t num_patches = cu.numel() - 1;
-  at::Tensor out = at::empty({num_patches, x.size(1)}, x.options());
-  at::Tensor argmax = reduce == Reduce::Max ? at::empty({num_patches, x.size(1)}, x.options().dtype(at::kInt))
+  at::Tensor out = empty_output({num_patches, x.size(1)}, x.options());
+  at::Tensor argmax = reduce == Reduce::Max && with_argmax ? empty_output({num_patches, x.size(1)}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_gather_cpu", [&] {
     gather_kernel<scalar_t>(x, cu.data_ptr<int32_t>(), reduce, out, argmax);
@@ -144,27 +192,38 @@ void gather_backward_kernel(const at::Tensor& grad_out, const int32_t* cu, const
   const scalar_t* gp = grad_out.data_ptr<scalar_t>();
   scalar_t* xp = grad_x.data_ptr<scalar_t>();
   const int64_t cols = grad_out.size(1);
-  for_each_unit(grad_out.size(0), cols, grad_x.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
-    const int64_t start = cu[p], stop = cu[p + 1], width = c1 - c0;
+  // each token row is written once: its patch's gradient where it is the column's arg-max (max) or everywhere
+  // (sum: the gradient, mean: the gradient / length)
+  // whole rows at a time (scaled is a per-thread [cols] buffer), so grad_x is written as one sequential stream
+  auto spread_patch = [&](int64_t p, scalar_t* scaled) {
+    const int64_t start = cu[p], stop = cu[p + 1], width = cols;
     if (start == stop) return;
-    const scalar_t* g = gp + p * cols + c0;
-    if (reduce == Reduce::Max) {  // the patch zeroes its own tokens, then writes each column's arg-max token
-      for (int64_t t = start; t < stop; ++t) std::fill(xp + t * cols + c0, xp + t * cols + c1, scalar_t(0));
-      const int32_t* a = argmax + p * cols + c0;
-      for (int64_t j = 0; j < width; ++j) {
-        if (a[j] < 0) continue;  // a NaN column has no arg-max
-        if (a[j] < start || a[j] >= stop) {
-          bad_argmax = true;
-          continue;
+    const scalar_t* g = gp + p * cols;
+    if (reduce == Reduce::Max) {
+      const int32_t* a = argmax + p * cols;
+      int bad = 0;  // branch-free (| not ||) so that the loop vectorises
+#pragma omp simd reduction(| : bad)
+      for (int64_t j = 0; j < width; ++j) bad |= (a[j] >= 0) & ((a[j] < start) | (a[j] >= stop));
+      if (bad) bad_argmax = true;  // such a column gets no gradient (a NaN column, a < 0, gets none either)
+      for (int64_t t = start; t < stop; ++t) {
+        scalar_t* row = xp + t * cols;
+        const int32_t token = static_cast<int32_t>(t);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t value = g[j];  // loaded unconditionally: a select, not a branch
+          row[j] = a[j] == token ? value : scalar_t(0);
         }
-        xp[a[j] * cols + c0 + j] = g[j];
       }
       return;
     }
     const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
-    scalar_t row[kChunk];
-    for (int64_t j = 0; j < width; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * scale);
-    for (int64_t t = start; t < stop; ++t) std::copy(row, row + width, xp + t * cols + c0);
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) scaled[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * scale);
+    for (int64_t t = start; t < stop; ++t) std::copy(scaled, scaled + width, xp + t * cols);
+  };
+  for_each_patch_range(cu, grad_out.size(0), cols, [&](int64_t p0, int64_t p1) {
+    std::vector<scalar_t> scaled(reduce == Reduce::Max ? 0 : cols);
+    for (int64_t p = p0; p < p1; ++p) spread_patch(p, scaled.data());
   });
 }
 
@@ -184,7 +243,7 @@ at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Te
                 "argmax must be int32 with the shape of grad_out");
     argmax = argmax_in.contiguous();
   }
-  at::Tensor grad_x = at::empty({total, grad_out.size(1)}, grad_out.options());
+  at::Tensor grad_x = empty_output({total, grad_out.size(1)}, grad_out.options());
   std::atomic<bool> bad_argmax{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "patch_gather_backward_cpu",
                                   [&] {
@@ -202,9 +261,11 @@ void scatter_kernel(const at::Tensor& y, const int32_t* cu, at::Tensor& out) {
   const int64_t y_stride = y.stride(0);
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t cols = y.size(1);
-  for_each_unit(y.size(0), cols, out.size(0), [&](int64_t p, int64_t c0, int64_t c1) {
-    const scalar_t* src = yp + p * y_stride;
-    for (int64_t t = cu[p]; t < cu[p + 1]; ++t) std::copy(src + c0, src + c1, op + t * cols + c0);
+  for_each_patch_range(cu, y.size(0), cols, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* src = yp + p * y_stride;
+      for (int64_t t = cu[p]; t < cu[p + 1]; ++t) std::copy(src, src + cols, op + t * cols);
+    }
   });
 }
 
@@ -215,7 +276,7 @@ at::Tensor patch_scatter_cpu(const at::Tensor& y, const at::Tensor& cu_tokens, i
   check_offsets(cu, total);
   TORCH_CHECK_VALUE(cu.numel() - 1 == y.size(0), "y must have one row per patch (", cu.numel() - 1, "), got ",
               y.size(0));
-  at::Tensor out = at::empty({total, y.size(1)}, y.options());
+  at::Tensor out = empty_output({total, y.size(1)}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "patch_scatter_cpu", [&] {
     scatter_kernel<scalar_t>(y, cu.data_ptr<int32_t>(), out);
   });
@@ -226,7 +287,7 @@ at::Tensor patch_scatter_cpu(const at::Tensor& y, const at::Tensor& cu_tokens, i
 }  // namespace dpar
 
 TORCH_LIBRARY_FRAGMENT(dpar_C, m) {
-  m.def("patch_gather(Tensor x, Tensor cu_tokens, str reduce) -> (Tensor, Tensor)");
+  m.def("patch_gather(Tensor x, Tensor cu_tokens, str reduce, bool with_argmax) -> (Tensor, Tensor)");
   m.def("patch_gather_backward(Tensor grad_out, Tensor cu_tokens, Tensor argmax, int total, str reduce) -> Tensor");
   m.def("patch_scatter(Tensor y, Tensor cu_tokens, int total) -> Tensor");
 }

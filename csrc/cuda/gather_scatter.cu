@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
     store_floats<T, VEC>(out + out_offset, acc);
-    if (REDUCE == GatherReduce::Max) {
+    if (REDUCE == GatherReduce::Max && argmax != nullptr) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) argmax[out_offset + k] = -1;
     }
@@ -86,8 +86,10 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       }
     }
+    if (argmax != nullptr) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) argmax[out_offset + k] = isnan(acc[k]) ? -1 : arg[k];  // as the reference
+      for (int k = 0; k < VEC; ++k) argmax[out_offset + k] = isnan(acc[k]) ? -1 : arg[k];  // as the reference
+    }
   } else {
 #pragma unroll 4
     for (int64_t t = start + 1; t < stop; ++t) {

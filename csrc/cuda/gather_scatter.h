@@ -18,7 +18,7 @@ enum class SpreadMode : int {
 };
 
 // x [total, cols] (row stride x_row_stride) -> out [num_patches, cols]; argmax int32 [num_patches, cols] is written
-// only for Max (first arg-max token, -1 for an empty patch or a NaN column; may be null otherwise).
+// only for Max when non-null (first arg-max token, -1 for an empty patch or a NaN column); null skips it.
 cudaError_t launch_patch_gather(const void* x, int64_t x_row_stride, const int32_t* cu_tokens, int64_t num_patches,
                                 int64_t total, int64_t cols, GatherReduce reduce, void* out, int32_t* argmax,
                                 DType dtype, cudaStream_t stream);

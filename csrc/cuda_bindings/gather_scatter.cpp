@@ -36,7 +36,7 @@ void check_offsets(const at::Tensor& cu, const at::Tensor& data, int64_t patches
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_gather_cuda(const at::Tensor& x, const at::Tensor& cu_tokens,
-                                                     std::string_view reduce_name) {
+                                                     std::string_view reduce_name, bool with_argmax_wanted) {
   const GatherReduce reduce = parse_reduce(reduce_name);
   check_rows(x, "x");
   TORCH_CHECK_VALUE(cu_tokens.numel() >= 1, "cu_tokens must have at least one entry");
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> patch_gather_cuda(const at::Tensor& x, const 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t patches = cu_tokens.numel() - 1;
   at::Tensor out = at::empty({patches, x.size(1)}, x.options());
-  const bool with_argmax = reduce == GatherReduce::Max;
+  const bool with_argmax = reduce == GatherReduce::Max && with_argmax_wanted;
   at::Tensor argmax = with_argmax ? at::empty({patches, x.size(1)}, x.options().dtype(at::kInt))
                                   : at::empty({0}, x.options().dtype(at::kInt));
   check_launch(launch_patch_gather(x.data_ptr(), x.stride(0), cu_tokens.data_ptr<int32_t>(), patches, x.size(0),

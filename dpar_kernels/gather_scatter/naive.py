@@ -12,9 +12,9 @@ def segment_ids(cu_tokens: torch.Tensor, total: int) -> torch.Tensor:
                                    output_size=total)
 
 
-def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str):
-    """-> (out [P, D], argmax int32 [P, D]: for "max", the first arg-max token, -1 for an empty patch;
-    an empty int32 tensor for "sum"/"mean"). Max and mean of an empty patch are 0."""
+def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, with_argmax: bool):
+    """-> (out [P, D], argmax int32 [P, D]: for "max" with with_argmax, the first arg-max token, -1 for an empty
+    patch or a NaN column; otherwise an empty int32 tensor). Max and mean of an empty patch are 0."""
     num_patches, total = cu_tokens.numel() - 1, x.shape[0]
     ids = segment_ids(cu_tokens, total)
     lengths = (cu_tokens[1:] - cu_tokens[:-1]).to(x.dtype)
@@ -26,13 +26,15 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str):
         return out, no_argmax
     out = x.new_full((num_patches, x.shape[1]), float("-inf"))
     out = out.scatter_reduce(0, ids[:, None].expand_as(x), x, reduce="amax", include_self=True)
+    empty = (lengths == 0)[:, None]
+    if not with_argmax:
+        return torch.where(empty, torch.zeros_like(out), out), no_argmax
     # first token of each patch that reaches the max: smallest token index among the hits
     token_index = torch.arange(total, device=x.device)[:, None].expand_as(x)
     hit = x == out[ids]
     candidate = torch.where(hit, token_index, torch.full_like(token_index, total))
     argmax = torch.full((num_patches, x.shape[1]), total, dtype=torch.long, device=x.device)
     argmax = argmax.scatter_reduce(0, ids[:, None].expand_as(x), candidate, reduce="amin", include_self=True)
-    empty = (lengths == 0)[:, None]
     out = torch.where(empty, torch.zeros_like(out), out)
     argmax = torch.where(empty | (argmax == total), torch.full_like(argmax, -1), argmax)
     return out, argmax.to(torch.int32)

@@ -32,16 +32,17 @@ _SCATTER = {
 
 
 @torch.library.custom_op("dpar::patch_gather", mutates_args=())
-def _gather_op(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, backend: str
+def _gather_op(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, with_argmax: bool, backend: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, argmax = _GATHER[backend](x, cu_tokens, reduce)
+    """with_argmax: for "max", also return the arg-max (needed only for the backward); else it is empty."""
+    out, argmax = _GATHER[backend](x, cu_tokens, reduce, with_argmax)
     return out, argmax
 
 
 @_gather_op.register_fake
-def _(x, cu_tokens, reduce, backend):
+def _(x, cu_tokens, reduce, with_argmax, backend):
     out = x.new_empty(cu_tokens.shape[0] - 1, x.shape[1])
-    argmax_shape = out.shape if reduce == "max" else (0,)
+    argmax_shape = out.shape if reduce == "max" and with_argmax else (0,)
     return out, x.new_empty(argmax_shape, dtype=torch.int32)
 
 
@@ -57,15 +58,18 @@ def _(grad_out, cu_tokens, argmax, total, reduce, backend):
 
 
 def _gather_setup(ctx, inputs, output):
-    x, cu_tokens, reduce, backend = inputs
+    x, cu_tokens, reduce, _with_argmax, backend = inputs
     ctx.save_for_backward(cu_tokens, output[1])
     ctx.total, ctx.reduce, ctx.backend = x.shape[0], reduce, backend
 
 
 def _gather_backward(ctx, grad_out, _grad_argmax):
     cu_tokens, argmax = ctx.saved_tensors
+    if ctx.reduce == "max" and argmax.numel() != grad_out.numel():
+        raise RuntimeError("patch_gather(reduce='max') ran without its arg-max, so it has no gradient; "
+                           "call it with with_argmax=True")
     grad_x = _gather_backward_op(grad_out, cu_tokens, argmax, ctx.total, ctx.reduce, ctx.backend)
-    return grad_x, None, None, None
+    return grad_x, None, None, None, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -89,7 +93,7 @@ def _scatter_setup(ctx, inputs, output):
 
 def _scatter_backward(ctx, grad_out):
     (cu_tokens,) = ctx.saved_tensors
-    grad_y = _gather_op(grad_out.contiguous(), cu_tokens, "sum", ctx.backend)[0]
+    grad_y = _gather_op(grad_out.contiguous(), cu_tokens, "sum", False, ctx.backend)[0]
     return grad_y, None, None, None
 
 
@@ -114,7 +118,8 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
     backend = resolve_backend("patch_gather", backend, x.device, supported_for_dtype(tuple(_GATHER), x.dtype))
-    return _gather_op(x, cu_tokens, reduce, backend)[0]
+    with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
+    return _gather_op(x, cu_tokens, reduce, with_argmax, backend)[0]
 
 
 def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int | None = None,

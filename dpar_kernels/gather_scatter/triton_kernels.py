@@ -17,7 +17,8 @@ def _block_d(cols: int) -> int:
 
 @triton.jit
 def _gather_kernel(x_ptr, cu_ptr, out_ptr, argmax_ptr, cols, x_row_stride,
-                   REDUCE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr):
+                   REDUCE: tl.constexpr, WITH_ARGMAX: tl.constexpr, ACC_FP64: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     patch = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < cols
@@ -37,9 +38,10 @@ def _gather_kernel(x_ptr, cu_ptr, out_ptr, argmax_ptr, cols, x_row_stride,
             take = (v > acc) | (v != v) | (arg < 0)
             acc = tl.where(take, v, acc)
             arg = tl.where(take, t, arg)
-        arg = tl.where(acc != acc, -1, arg)  # a NaN column has no arg-max (as the reference)
         acc = tl.where(stop > start, acc, 0.0)  # empty patch: 0
-        tl.store(argmax_ptr + out_row + offs, arg, mask=mask)
+        if WITH_ARGMAX:
+            arg = tl.where(acc != acc, -1, arg)  # a NaN column has no arg-max (as the reference)
+            tl.store(argmax_ptr + out_row + offs, arg, mask=mask)
     else:
         acc = tl.zeros([BLOCK_D], acc_dtype)
         for t in range(start, stop):
@@ -79,17 +81,19 @@ def _grid(num_patches: int, cols: int, block: int):
     return (num_patches, triton.cdiv(cols, block))
 
 
-def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str):
-    """x [T, D] -> (out [P, D], argmax int32 [P, D] for "max" else an empty int32 tensor); see naive.py."""
+def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, with_argmax: bool):
+    """x [T, D] -> (out [P, D], argmax int32 [P, D] for "max" with with_argmax, else an empty int32 tensor);
+    see naive.py."""
     num_patches, cols = cu_tokens.numel() - 1, x.shape[1]
     out = torch.empty(num_patches, cols, dtype=x.dtype, device=x.device)
-    argmax_shape = (num_patches, cols) if reduce == "max" else (0,)
+    with_argmax = with_argmax and reduce == "max"
+    argmax_shape = (num_patches, cols) if with_argmax else (0,)
     argmax = torch.empty(argmax_shape, dtype=torch.int32, device=x.device)
     if out.numel():
         block = _block_d(cols)
         _gather_kernel[_grid(num_patches, cols, block)](
             x, cu_tokens, out, argmax, cols, x.stride(0),
-            REDUCE=_REDUCE_CODE[reduce], ACC_FP64=x.dtype == torch.float64, BLOCK_D=block)
+            REDUCE=_REDUCE_CODE[reduce], WITH_ARGMAX=with_argmax, ACC_FP64=x.dtype == torch.float64, BLOCK_D=block)
     return out, argmax
 
 
