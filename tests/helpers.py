@@ -1,8 +1,9 @@
 """Shared test utilities: tolerances per dtype, poisoned outputs, random ragged batches, backend lists."""
+import pytest
 import torch
 
 import dpar_kernels as dk
-from dpar_kernels import _dispatch
+from dpar_kernels import _dispatch, _extension
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -41,3 +42,9 @@ def random_lengths(n: int, low: int, high: int, generator=None) -> torch.Tensor:
 def cu_from_lengths(lengths) -> torch.Tensor:
     lengths = torch.as_tensor(lengths, dtype=torch.int32)
     return dk.lengths_to_cu_seqlens(lengths)
+
+
+# Tests of the C++ backend itself; the extension exists wherever a C++ compiler built it, and CI requires it
+# (DPAR_REQUIRE_EXTENSION=1 makes tests/test_build.py fail when the build failed).
+requires_extension = pytest.mark.skipif(not _extension.HAS_CPU_OPS,
+                                        reason="dpar_kernels._C was not built (no C++ compiler or a failed build)")

@@ -10,7 +10,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import dpar_kernels as dk
-from helpers import TOLERANCE, assert_close, cpu_backends, cu_from_lengths, rel_error
+from helpers import TOLERANCE, assert_close, cpu_backends, cu_from_lengths, rel_error, requires_extension
 
 BACKENDS = [b for b in ("torch", "cpu") if b in cpu_backends()]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -172,9 +172,8 @@ def test_queries_without_keys_give_zero_output_and_gradients(backend):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@requires_extension
 def test_cpu_backend_deterministic():
-    if "cpu" not in BACKENDS:
-        pytest.skip("the dpar_kernels._C extension is not built")
     q, k, v, cu_q, cu_k = make_inputs([100, 7, 64], [100, 7, 64], 4, 2, 64, torch.float32)
     grads = []
     for _ in range(2):
@@ -184,14 +183,13 @@ def test_cpu_backend_deterministic():
         assert torch.equal(a, b)
 
 
+@requires_extension
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("lengths", [[520], [200, 0, 200, 3, 200, 180]])
 def test_cpu_backward_fused_and_two_pass_schedules(threads, lengths):
     """The C++ backward runs one fused pass per (sequence, kv head) unless one such item would dominate a
     thread's share: then it splits into a dK/dV and a dQ pass. With 2 threads, [520] takes the split and the
     balanced batch the fused pass; with 1 thread both take the fused pass. Every schedule must match the reference."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the dpar_kernels._C extension is not built")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -252,10 +250,9 @@ def test_unsupported_head_dim_on_triton_names_it():
         dk.varlen_attention(q, k, v, cu_q, cu_k, 3, 3, backend="triton")
 
 
+@requires_extension
 def test_extension_op_checks_its_inputs():
     """Direct calls of the C++ op bypass the Python checks: they must raise, never crash."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the dpar_kernels._C extension is not built")
     a = _valid()
     op = torch.ops.dpar_C.varlen_attention
     base = (a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], 5, 5, 0.1, True)

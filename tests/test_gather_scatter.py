@@ -6,7 +6,7 @@ import torch
 
 import dpar_kernels as dk
 from dpar_kernels.gather_scatter import naive
-from helpers import assert_close, cpu_backends, cu_from_lengths
+from helpers import assert_close, cpu_backends, cu_from_lengths, requires_extension
 
 BACKENDS = cpu_backends()
 REDUCTIONS = ("max", "sum", "mean")
@@ -173,9 +173,8 @@ def test_gather_sum_equals_segment_sums_from_cumsum(backend):
 
 
 @pytest.mark.parametrize("reduce", REDUCTIONS)
+@requires_extension
 def test_many_patches_cpu(reduce):
-    if "cpu" not in BACKENDS:
-        pytest.skip("the dpar_kernels._C extension is not built")
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(0, 5, (40_000,), generator=generator, dtype=torch.int32)  # ~1e5 tokens
     cu = dk.lengths_to_cu_seqlens(lengths)
@@ -224,7 +223,7 @@ def test_bad_inputs_name_the_argument(call, error, name):
         call()
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the dpar_kernels._C extension is not built")
+@requires_extension
 @pytest.mark.parametrize("call,error,name", [
     (lambda: torch.ops.dpar_C.patch_gather(torch.randn(6, 4), torch.tensor([0, 7], dtype=torch.int32), "sum",
                                            False),
