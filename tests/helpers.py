@@ -31,8 +31,9 @@ def cpu_backends() -> list[str]:
 
 
 def triton_on_cpu() -> bool:
-    """True when triton is installed, so tests can run its kernels in the interpreter."""
-    return _dispatch.HAS_TRITON
+    """True when Triton kernels run on CPU tensors here: triton installed and its interpreter on (conftest turns it
+    on where no GPU is present)."""
+    return _dispatch.HAS_TRITON and _dispatch.triton_interpreter()
 
 
 def random_lengths(n: int, low: int, high: int, generator=None) -> torch.Tensor:
