@@ -45,8 +45,12 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
-    """cu: int32 [n+1] offsets: starts at 0, non-decreasing, ends at ``total``, on ``device``."""
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> int | None:
+    """cu: int32 [n+1] offsets: starts at 0, non-decreasing, ends at ``total``, on ``device``.
+
+    Reads the offsets to the host once and returns the longest segment (0 for none); None while torch.compile
+    traces, where value checks are skipped.
+    """
     check_tensor(name, cu, ndim=1)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {str(cu.dtype).replace('torch.', '')}")
@@ -55,18 +59,14 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one entry (the leading 0)")
     if _tracing():
-        return
-    first, last = cu[0].item(), cu[-1].item()
+        return None
+    host = cu.cpu()
+    first, last = int(host[0]), int(host[-1])
     if first != 0:
         raise ValueError(f"{name} must start at 0, got {first}")
-    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+    lengths = host[1:] - host[:-1]
+    if bool((lengths < 0).any()):
         raise ValueError(f"{name} must be non-decreasing")
     if last != total:
         raise ValueError(f"{name} must end at the total length {total}, got {last}")
-
-
-def max_segment_length(cu: torch.Tensor) -> int:
-    """Longest segment of offsets ``cu`` (0 for no segments)."""
-    if cu.numel() < 2:
-        return 0
-    return int((cu[1:] - cu[:-1]).max().item())
+    return int(lengths.max()) if lengths.numel() else 0

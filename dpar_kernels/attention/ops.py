@@ -8,7 +8,7 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_cu_seqlens, check_float, check_same_device, max_segment_length
+from .._checks import check_cu_seqlens, check_float, check_same_device
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
@@ -133,16 +133,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of "
                          f"key/value heads ({k.shape[1]})")
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device)
+    longest_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device)
+    longest_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    for name, value, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
+    for name, value, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
-        if not torch.compiler.is_compiling() and value < max_segment_length(cu):
-            raise ValueError(f"{name}={value} is smaller than the longest sequence ({max_segment_length(cu)})")
+        if longest is not None and value < longest:
+            raise ValueError(f"{name}={value} is smaller than the longest sequence ({longest})")
     if q.dtype == torch.float64 and backend in ("triton", "cuda"):
         raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 q, k, v, got float64 "
                         f"(the torch and cpu backends take float64)")
