@@ -103,22 +103,30 @@ def _forward_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
 
 
 @triton.jit
+def _sequence_block(cu_blocked, cu_other, n_blocks, BLOCK: tl.constexpr):
+    """Program axis 0 = block + n_blocks * sequence -> (first row of the block, start and length of the blocked
+    side's sequence, start and length of the other side's)."""
+    pid = tl.program_id(0)
+    seq = pid // n_blocks
+    first = (pid % n_blocks) * BLOCK
+    start = tl.load(cu_blocked + seq)
+    length = tl.load(cu_blocked + seq + 1) - start
+    other_start = tl.load(cu_other + seq)
+    other_length = tl.load(cu_other + seq + 1) - other_start
+    return first, start, length, other_start, other_length
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, qk_scale_log2,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_lse_h, n_blocks, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (query block + n_blocks * sequence, q head): out rows and lse of BLOCK_M queries."""
-    pid = tl.program_id(0)
-    seq = pid // n_blocks
-    m0 = (pid % n_blocks) * BLOCK_M
-    head = tl.program_id(1)
-    q_start = tl.load(cu_seqlens_q + seq)
-    len_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    m0, q_start, len_q, k_start, len_k = _sequence_block(cu_seqlens_q, cu_seqlens_k, n_blocks, BLOCK_M)
     if m0 >= len_q:
         return
-    k_start = tl.load(cu_seqlens_k + seq)
-    len_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    head = tl.program_id(1)
     kv_head = head // group
 
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -203,16 +211,10 @@ def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, 
                  CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (key block + n_blocks * sequence, kv head): dk, dv of BLOCK_N keys, summed over the q heads of
     the group and all query tiles that see them (no atomics, deterministic)."""
-    pid = tl.program_id(0)
-    seq = pid // n_blocks
-    n0 = (pid % n_blocks) * BLOCK_N
-    kv_head = tl.program_id(1)
-    k_start = tl.load(cu_seqlens_k + seq)
-    len_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    n0, k_start, len_k, q_start, len_q = _sequence_block(cu_seqlens_k, cu_seqlens_q, n_blocks, BLOCK_N)
     if n0 >= len_k:
         return
-    q_start = tl.load(cu_seqlens_q + seq)
-    len_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    kv_head = tl.program_id(1)
 
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < len_k
@@ -281,16 +283,10 @@ def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, softma
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (query block + n_blocks * sequence, q head): dq of BLOCK_M queries."""
-    pid = tl.program_id(0)
-    seq = pid // n_blocks
-    m0 = (pid % n_blocks) * BLOCK_M
-    head = tl.program_id(1)
-    q_start = tl.load(cu_seqlens_q + seq)
-    len_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    m0, q_start, len_q, k_start, len_k = _sequence_block(cu_seqlens_q, cu_seqlens_k, n_blocks, BLOCK_M)
     if m0 >= len_q:
         return
-    k_start = tl.load(cu_seqlens_k + seq)
-    len_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    head = tl.program_id(1)
     kv_head = head // group
 
     rows = m0 + tl.arange(0, BLOCK_M)
