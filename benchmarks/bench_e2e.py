@@ -14,7 +14,7 @@ from benchmarks.reporting import record
 from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time, new_model,
                                   threshold_for_reduction, train_entropy_model, training_batch, training_flops,
                                   training_step)
-from dpar import full_recompute
+from dpar.model import full_recompute
 
 WARMUP = 1  # the first step allocates (optimizer state, caches): never timed
 _TIMES: dict[tuple[str, str], float] = {}  # (group, impl) -> mean seconds, for ratios inside one run

@@ -1,10 +1,7 @@
-"""DPAR model layer: entropy model, patcher, DPAR, the LlamaGen baseline, generation and FLOP accounting."""
-from . import flops
-from .baseline import LlamaGenBaseline
-from .config import EntropyConfig, ModelConfig, get_config
-from .entropy_model import EntropyModel
-from .model import DPAR
-from .patcher import PatchBatch, Patcher
+"""DPAR: the model layer (``dpar.model``) and the pipeline (``dpar.pipeline``: data, tokenizers, checkpoints, the
+``python -m dpar`` commands). The model's public names are re-exported here."""
+from .model import (DPAR, EntropyConfig, EntropyModel, LlamaGenBaseline, ModelConfig, PatchBatch, Patcher, flops,
+                    get_config)
 
-__all__ = ["EntropyModel", "DPAR", "LlamaGenBaseline", "Patcher", "PatchBatch", "ModelConfig", "EntropyConfig",
-           "get_config", "flops"]
+__all__ = ["DPAR", "EntropyConfig", "EntropyModel", "LlamaGenBaseline", "ModelConfig", "PatchBatch", "Patcher",
+           "flops", "get_config"]

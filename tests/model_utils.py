@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dpar
-from dpar.patcher import PatchBatch
+from dpar.model.patcher import PatchBatch
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,8 +3,8 @@ import torch
 from model_utils import single_thread  # noqa: F401
 
 import dpar_kernels as dk
-from dpar.blocks import AxialRope, apply_rope
-from dpar.kv_cache import KVCache
+from dpar.model.blocks import AxialRope, apply_rope
+from dpar.model.kv_cache import KVCache
 from helpers import assert_close
 
 

@@ -4,7 +4,7 @@ import torch
 from model_utils import single_thread, tiny_models  # noqa: F401
 
 import dpar
-from dpar import full_recompute
+from dpar.model import full_recompute
 
 
 def _per_image(patches) -> list[list[int]]:

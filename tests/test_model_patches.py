@@ -5,7 +5,7 @@ from model_utils import patch_batch, random_batch, single_thread, tiny_models  #
 
 import dpar
 import dpar_kernels as dk
-from dpar.patcher import PatchBatch
+from dpar.model.patcher import PatchBatch
 
 
 def test_patch_batch_offsets_and_positions():

@@ -50,7 +50,7 @@ def test_padded_attention_equals_varlen_attention(lengths_q, lengths_k, heads_q,
 
 
 def test_padded_attention_takes_strided_slices_and_padded_max_seqlen():
-    """Slices of a fused qkv (as in dpar.blocks.Attention) and max_seqlen above the longest sequence."""
+    """Slices of a fused qkv (as in dpar.model.blocks.Attention) and max_seqlen above the longest sequence."""
     lengths = [4, 7, 1]
     cu = cu_from_lengths(lengths)
     qkv = torch.randn(sum(lengths), 6, 32, dtype=torch.float64, requires_grad=True)
