@@ -15,11 +15,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpar", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(f"dpar.{module_name}")
+        module = importlib.import_module(f"dpar.pipeline.{module_name}")
         module.add_arguments(commands.add_parser(name, help=help_text, description=module.__doc__,
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    importlib.import_module(f"dpar.{COMMANDS[args.command][0]}").main(args)
+    importlib.import_module(f"dpar.pipeline.{COMMANDS[args.command][0]}").main(args)
 
 
 if __name__ == "__main__":

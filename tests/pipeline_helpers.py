@@ -3,7 +3,7 @@ import argparse
 
 import torch
 
-from dpar import data, train
+from dpar.pipeline import data, train
 
 # head_dim 32 (a size every varlen_attention backend supports)
 TINY_OVERRIDES = ["num_heads=2", "num_kv_heads=2"]

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from dpar import checkpoint
-from dpar.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
+from dpar.pipeline import checkpoint
+from dpar.pipeline.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 
 
 def _model_and_optimizer(seed=0, width=6):

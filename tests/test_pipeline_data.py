@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpar.data import TokenGridDataset, load_embedded_photos, random_crops, write_token_dataset
-from dpar.tokenizer import PaletteTokenizer, fit_palette
+from dpar.pipeline.data import TokenGridDataset, load_embedded_photos, random_crops, write_token_dataset
+from dpar.pipeline.tokenizer import PaletteTokenizer, fit_palette
 
 
 def _write(root, stem, codes, label):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dpar.evaluate import (feature_statistics, fid, flops_to_target, frechet_distance, inception_extractor,
+from dpar.pipeline.evaluate import (feature_statistics, fid, flops_to_target, frechet_distance, inception_extractor,
                            patch_statistics)
 
 

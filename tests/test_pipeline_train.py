@@ -7,8 +7,8 @@ import torch
 import torch.multiprocessing as mp
 
 import dpar_kernels as dk
-from dpar import checkpoint, train
-from dpar.patchify import PatchTable, threshold_for_reduction
+from dpar.pipeline import checkpoint, train
+from dpar.pipeline.patchify import PatchTable, threshold_for_reduction
 from pipeline_helpers import train_args, write_random_dataset
 
 
@@ -90,7 +90,7 @@ def _ddp_worker(rank, world, port, argv, result_dir):
 
 
 def _trained_model(argv):
-    from dpar.builders import load_model
+    from dpar.pipeline.builders import load_model
     out = argv[argv.index("--out") + 1]
     return load_model(os.path.join(out, train.CHECKPOINT), argv[0])[0]
 

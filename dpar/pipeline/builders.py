@@ -35,7 +35,7 @@ def parse_overrides(items: list[str] | None) -> dict:
 def make_config(kind: str, size: str, *, vocab_size: int, num_classes: int, grid_height: int, grid_width: int,
                 overrides: dict | None = None) -> dict:
     """The config (as a plain dict) of a ``kind`` model of preset ``size`` fitted to a dataset's sizes."""
-    from .model.config import get_config
+    from ..model.config import get_config
 
     _check_kind(kind)
     fields = dict(vocab_size=vocab_size, grid_height=grid_height, grid_width=grid_width)
@@ -48,16 +48,16 @@ def make_config(kind: str, size: str, *, vocab_size: int, num_classes: int, grid
 
 def build_model(kind: str, config: dict) -> torch.nn.Module:
     """A freshly initialised model of ``kind`` from a config dict (as make_config returns)."""
-    from .model.config import EntropyConfig, ModelConfig
+    from ..model.config import EntropyConfig, ModelConfig
 
     _check_kind(kind)
     if kind == "entropy":
-        from .model.entropy_model import EntropyModel
+        from ..model.entropy_model import EntropyModel
         return EntropyModel(EntropyConfig(**config))
     if kind == "dpar":
-        from .model.dpar_model import DPAR
+        from ..model.dpar_model import DPAR
         return DPAR(ModelConfig(**config))
-    from .model.baseline import LlamaGenBaseline
+    from ..model.baseline import LlamaGenBaseline
     return LlamaGenBaseline(ModelConfig(**config))
 
 

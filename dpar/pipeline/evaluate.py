@@ -113,7 +113,7 @@ def inception_extractor(weights_path: str | None = None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as error:
         raise RuntimeError("FID with Inception-v3 needs torch-fidelity: pip install torch-fidelity "
-                           "(or pass your own feature extractor to dpar.evaluate.fid)") from error
+                           "(or pass your own feature extractor to dpar.pipeline.evaluate.fid)") from error
     path = weights_path or os.environ.get("DPAR_INCEPTION_WEIGHTS") or os.path.join(
         torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
     if not os.path.isfile(path):

@@ -39,7 +39,7 @@ class LossModule(nn.Module):
             return self.model.loss(tokens)
         if self.kind == "baseline":
             return self.model.loss(tokens, labels)
-        from .model.patcher import PatchBatch
+        from ..model.patcher import PatchBatch
         return self.model.loss(tokens, labels, PatchBatch.from_lengths(patch_lengths, cu_patches, self.grid_width))
 
 
@@ -88,12 +88,12 @@ def step_flops(kind: str, model: nn.Module, batch, patches) -> float:
     """Training FLOPs (forward + backward) of one step on this rank's batch: dpar.flops for DPAR and the baseline,
     a FlopCounterMode count of one step of a scratch copy for the entropy model (its steps all cost the same)."""
     if kind == "dpar":
-        from .model import flops
-        from .model.patcher import PatchBatch
+        from ..model import flops
+        from ..model.patcher import PatchBatch
         return float(flops.dpar_training_flops(model.config, PatchBatch.from_lengths(*patches, model.config.grid_width))
                      ["total"])
     if kind == "baseline":
-        from .model import flops
+        from ..model import flops
         return float(flops.baseline_training_flops(model.config, batch[0].shape[0])["total"])
     from torch.utils.flop_counter import FlopCounterMode
     probe = build_model(kind, dataclasses.asdict(model.config)).to(batch[0].device)
