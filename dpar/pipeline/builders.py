@@ -1,4 +1,5 @@
-"""Model construction for the pipeline: configs sized to a dataset, models from configs and from checkpoints."""
+"""The one config -> model path of the pipeline: a config sized to a dataset (plus --override), a model from a config,
+a model from a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def parse_overrides(items: list[str] | None) -> dict:
+def _parse_overrides(items: list[str] | None) -> dict:
     """["width=128", "class_dropout=0.1"] -> {"width": 128, "class_dropout": 0.1} (ints, floats, else strings)."""
     overrides = {}
     for item in items or []:
@@ -32,17 +33,18 @@ def parse_overrides(items: list[str] | None) -> dict:
     return overrides
 
 
-def make_config(kind: str, size: str, *, vocab_size: int, num_classes: int, grid_height: int, grid_width: int,
-                overrides: dict | None = None) -> dict:
-    """The config (as a plain dict) of a ``kind`` model of preset ``size`` fitted to a dataset's sizes."""
+def make_config(kind: str, size: str, dataset, overrides: list[str] | None = None) -> dict:
+    """The config (as a plain dict) of a ``kind`` model of preset ``size`` fitted to ``dataset``'s vocabulary, classes
+    and grid, with ``overrides`` ("key=value" strings, as --override takes) applied last."""
     from ..model.config import get_config
 
     _check_kind(kind)
-    fields = dict(vocab_size=vocab_size, grid_height=grid_height, grid_width=grid_width)
+    fields = dict(vocab_size=dataset.vocab_size, grid_height=dataset.grid_height, grid_width=dataset.grid_width,
+                  **_parse_overrides(overrides))
     if kind == "entropy":
-        config = get_config(ENTROPY_SIZES.get(size, size), **fields, **(overrides or {}))
+        config = get_config(ENTROPY_SIZES.get(size, size), **fields)
     else:
-        config = get_config(size, num_classes=num_classes, **fields, **(overrides or {}))
+        config = get_config(size, num_classes=dataset.num_classes, **fields)
     return dataclasses.asdict(config)
 
 

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from . import data, evaluate, patchify, sample, train
+from . import data, evaluate, objectives, patchify, sample, train
 from .builders import load_model
 from .tokenizer import PaletteTokenizer
 
@@ -86,8 +86,8 @@ def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 
     rows = []
     for kind in ("baseline", "dpar"):
         model, _ = load_model(os.path.join(out, kind, train.CHECKPOINT), kind)
-        source = train.PatchSource(table=val_table) if kind == "dpar" else None
-        heldout = evaluate.heldout_loss(train.LossModule(kind, model, val.grid_width), val, source, batch)
+        source = objectives.PatchSource(table=val_table) if kind == "dpar" else None
+        heldout = objectives.heldout_loss(objectives.LossModule(kind, model, val.grid_width), val, source, batch)
         records = logs[kind]
         tokens = val_stats["patches_per_image"] if kind == "dpar" else float(val.tokens_per_image)
         rows.append({"model": "DPAR" if kind == "dpar" else "LlamaGen baseline", "tokens": tokens,
@@ -96,7 +96,7 @@ def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 
                      "step_time": _median_step_time(records), "heldout": heldout, "train_loss": records[-1]["loss"]})
         _sample_grid(model, kind, entropy_model, table.threshold, table.max_patch_size, tokenizer, val,
                      settings["samples_per_class"], os.path.join(out, f"samples_{kind}.png"), seed)
-    val_tokens, _ = train.load_batch(val, torch.arange(min(4, len(val))))
+    val_tokens, _ = objectives.load_batch(val, torch.arange(min(4, len(val))))
     sample.save_patch_map(tokenizer.decode(val_tokens.reshape(-1, val.grid_height, val.grid_width), 64),
                           val_entropies[:len(val_tokens)], *val_table.batch(torch.arange(len(val_tokens))),
                           val.grid_width, os.path.join(out, "patch_map.png"))

@@ -26,28 +26,6 @@ def patch_statistics(patch_lengths: torch.Tensor, cu_patches: torch.Tensor, toke
             "mean_patch_length": float(patch_lengths.double().mean()) if patch_lengths.numel() else 0.0}
 
 
-@torch.no_grad()
-def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, device="cpu") -> float:
-    """Mean NLL per token (nats) of ``dataset`` under a train.LossModule, weighted by batch size.
-
-    Class-label dropout is off (eval mode); ``patch_source`` (train.PatchSource) cuts DPAR patches.
-    """
-    from .train import load_batch
-
-    was_training = loss_module.training
-    loss_module.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(dataset)))
-        tokens, labels = load_batch(dataset, indices)
-        tokens, labels = tokens.to(device), labels.to(device)
-        patches = () if patch_source is None else tuple(t.to(device) for t in patch_source(indices, tokens))
-        total += float(loss_module(tokens, labels, *patches)) * len(indices)
-        count += len(indices)
-    loss_module.train(was_training)
-    return total / max(count, 1)
-
-
 def read_log(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -134,7 +112,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """The metrics ``args`` ask for, as a flat dict (see add_arguments)."""
     from .builders import load_model
     from .data import TokenGridDataset
-    from .train import LossModule, PatchSource
+    from .objectives import LossModule, PatchSource, heldout_loss
 
     results = {}
     if args.patches:

@@ -19,45 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .builders import KINDS, build_model, load_model, make_config, parse_overrides
+from .builders import KINDS, build_model, load_model, make_config
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenGridDataset
+from .objectives import LossModule, PatchSource, heldout_loss, load_batch
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
-
-
-class LossModule(nn.Module):
-    """forward(tokens, labels, patch_lengths, cu_patches) -> the model's training loss (DDP hooks forward only)."""
-
-    def __init__(self, kind: str, model: nn.Module, grid_width: int):
-        super().__init__()
-        self.kind, self.model, self.grid_width = kind, model, grid_width
-
-    def forward(self, tokens, labels, patch_lengths=None, cu_patches=None):
-        if self.kind == "entropy":
-            return self.model.loss(tokens)
-        if self.kind == "baseline":
-            return self.model.loss(tokens, labels)
-        from ..model.patcher import PatchBatch
-        return self.model.loss(tokens, labels, PatchBatch.from_lengths(patch_lengths, cu_patches, self.grid_width))
-
-
-class PatchSource:
-    """Patches of a batch for DPAR training: from a patchify table, or computed with an entropy model."""
-
-    def __init__(self, table=None, entropy_model=None, threshold=None, max_patch_size=4, grid_width=None):
-        self.table, self.entropy_model = table, entropy_model
-        self.threshold, self.max_patch_size, self.grid_width = threshold, max_patch_size, grid_width
-
-    def __call__(self, indices: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch_lengths int32 [P], cu_patches int32 [B+1]) of items ``indices`` / token grids ``tokens``."""
-        if self.table is not None:
-            return self.table.batch(indices)
-        import dpar_kernels as dk
-        entropies = self.entropy_model.entropies(tokens)
-        return dk.entropy_patch_lengths(entropies, threshold=self.threshold, max_patch_size=self.max_patch_size,
-                                        row_width=self.grid_width)
 
 
 def batch_indices(step: int, global_batch: int, num_items: int, seed: int) -> torch.Tensor:
@@ -68,12 +36,6 @@ def batch_indices(step: int, global_batch: int, num_items: int, seed: int) -> to
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[position * global_batch:(position + 1) * global_batch]
-
-
-def load_batch(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens int64 [B, T], labels int64 [B]) of dataset items ``indices``."""
-    items = [dataset[int(i)] for i in indices]
-    return torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
 
 
 def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
@@ -155,9 +117,7 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
         raise ValueError("give --steps or --flop-budget (or both)")
     env = Distributed(args.device)
     dataset = TokenGridDataset(args.data)
-    config = make_config(args.kind, args.size, vocab_size=dataset.vocab_size, num_classes=dataset.num_classes,
-                         grid_height=dataset.grid_height, grid_width=dataset.grid_width,
-                         overrides=parse_overrides(args.override))
+    config = make_config(args.kind, args.size, dataset, args.override)
     torch.manual_seed(args.seed)
     model = build_model(args.kind, config).to(env.device)
     optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
@@ -254,7 +214,6 @@ def _progress(args, step: int, rank: int):
 
 
 def _validation_loss(args, loss_module: LossModule, patch_source, env: Distributed) -> float:
-    from .evaluate import heldout_loss
     dataset = TokenGridDataset(args.eval_data)
     if patch_source is not None and patch_source.table is not None:
         raise ValueError("--eval-data with --patches needs on-the-fly patches (--entropy-ckpt and --threshold)")

@@ -1,0 +1,67 @@
+"""The training objective shared by `dpar train` and `dpar evaluate`: the loss of each model kind, the patches of a
+batch, batch loading and the held-out loss."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import dpar_kernels as dk
+
+from ..model.patcher import PatchBatch
+
+
+class LossModule(nn.Module):
+    """forward(tokens, labels, patch_lengths, cu_patches) -> the model's training loss (DDP hooks forward only)."""
+
+    def __init__(self, kind: str, model: nn.Module, grid_width: int):
+        super().__init__()
+        self.kind, self.model, self.grid_width = kind, model, grid_width
+
+    def forward(self, tokens, labels, patch_lengths=None, cu_patches=None):
+        if self.kind == "entropy":
+            return self.model.loss(tokens)
+        if self.kind == "baseline":
+            return self.model.loss(tokens, labels)
+        return self.model.loss(tokens, labels, PatchBatch.from_lengths(patch_lengths, cu_patches, self.grid_width))
+
+
+class PatchSource:
+    """Patches of a batch for DPAR training: from a patchify table, or computed with an entropy model."""
+
+    def __init__(self, table=None, entropy_model=None, threshold=None, max_patch_size=4, grid_width=None):
+        self.table, self.entropy_model = table, entropy_model
+        self.threshold, self.max_patch_size, self.grid_width = threshold, max_patch_size, grid_width
+
+    def __call__(self, indices: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch_lengths int32 [P], cu_patches int32 [B+1]) of items ``indices`` / token grids ``tokens``."""
+        if self.table is not None:
+            return self.table.batch(indices)
+        entropies = self.entropy_model.entropies(tokens)
+        return dk.entropy_patch_lengths(entropies, threshold=self.threshold, max_patch_size=self.max_patch_size,
+                                        row_width=self.grid_width)
+
+
+def load_batch(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens int64 [B, T], labels int64 [B]) of dataset items ``indices``."""
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
+
+
+@torch.no_grad()
+def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, device="cpu") -> float:
+    """Mean NLL per token (nats) of ``dataset`` under a LossModule, weighted by batch size.
+
+    Class-label dropout is off (eval mode); ``patch_source`` (PatchSource) cuts DPAR patches.
+    """
+    was_training = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(dataset)))
+        tokens, labels = load_batch(dataset, indices)
+        tokens, labels = tokens.to(device), labels.to(device)
+        patches = () if patch_source is None else tuple(t.to(device) for t in patch_source(indices, tokens))
+        total += float(loss_module(tokens, labels, *patches)) * len(indices)
+        count += len(indices)
+    loss_module.train(was_training)
+    return total / max(count, 1)
