@@ -145,9 +145,3 @@ def main(args: argparse.Namespace) -> None:
              "samples_per_class", "lr")
     settings = dict(QUICK) if args.quick else {name: getattr(args, name) for name in names}
     print(run_demo(args.out, settings, args.seed, args.target_reduction))
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m dpar.demo", description=__doc__)
-    add_arguments(cli)
-    main(cli.parse_args())

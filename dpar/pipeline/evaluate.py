@@ -177,9 +177,3 @@ def main(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m dpar.evaluate", description=__doc__)
-    add_arguments(cli)
-    main(cli.parse_args())

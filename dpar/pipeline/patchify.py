@@ -151,9 +151,3 @@ def main(args: argparse.Namespace) -> None:
                      target_reduction=args.target_reduction, max_patch_size=args.max_patch_size,
                      batch_size=args.batch_size, device=args.device)
     print(f"{len(table)} items, threshold {table.threshold:.4f} nats, reduction {table.reduction:.3f}x -> {args.out}")
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m dpar.patchify", description=__doc__)
-    add_arguments(cli)
-    main(cli.parse_args())

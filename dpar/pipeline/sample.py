@@ -132,9 +132,3 @@ def main(args: argparse.Namespace) -> None:
                                                row_width=grid[1])
         save_patch_map(images[:args.per_class], entropies, lengths, cu, grid[1], args.patch_map)
     print(f"{len(labels)} samples -> {args.out}")
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m dpar.sample", description=__doc__)
-    add_arguments(cli)
-    main(cli.parse_args())

@@ -253,9 +253,3 @@ def main(args: argparse.Namespace) -> None:
     if records and int(os.environ.get("RANK", "0")) == 0:
         last = records[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['cum_flops']:.3e} training FLOPs -> {args.out}")
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m dpar.train", description=__doc__)
-    add_arguments(cli)
-    main(cli.parse_args())
