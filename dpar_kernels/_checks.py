@@ -70,3 +70,45 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
     if last != total:
         raise ValueError(f"{name} must end at the total length {total}, got {last}")
     return int(lengths.max()) if lengths.numel() else 0
+
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def check_index(name: str, value, minimum: int = 0) -> int:
+    """An integer argument of any integer kind (int, numpy integer, 0-d integer tensor) as a Python int in
+    [minimum, int64 max]; TypeError for other types (bool and float included), ValueError when out of range."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int, got a tensor of shape {tuple(value.shape)} and dtype "
+                            f"{str(value.dtype).replace('torch.', '')}")
+        value = int(value)
+    elif isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value.__index__())
+    if not minimum <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an int in [{minimum}, 2**63-1], got {value}")
+    return value
+
+
+def check_finite(name: str, value) -> float:
+    """A real number that is neither NaN nor +-inf, as a float; TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+TEMPERATURE_RANGE = (1e-20, 1e20)
+
+
+def check_temperature(value) -> float:
+    """A finite temperature > 0, clamped to TEMPERATURE_RANGE so that 1/temperature and (z - max) / temperature
+    stay finite in float32 on every backend; beyond the range the entropy has reached its limit (log of the
+    number of maximal logits as T -> 0, log V as T -> inf) to float32 precision."""
+    check_positive("temperature", value)
+    value = check_finite("temperature", value)
+    return min(max(value, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])

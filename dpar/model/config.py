@@ -2,6 +2,19 @@
 from dataclasses import dataclass, replace
 
 
+def _check_heads(config) -> None:
+    """ValueError unless width, num_heads and num_kv_heads give an even head_dim >= 1 and whole kv-head groups."""
+    for name in ("num_heads", "num_kv_heads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.width < config.num_heads or config.width % config.num_heads:
+        raise ValueError(f"width ({config.width}) must be a positive multiple of num_heads ({config.num_heads})")
+    if config.num_heads % config.num_kv_heads:
+        raise ValueError(f"num_heads ({config.num_heads}) must be a multiple of num_kv_heads ({config.num_kv_heads})")
+    if config.head_dim % 2:
+        raise ValueError(f"head_dim ({config.head_dim}) must be even for RoPE")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes of a DPAR model (the baseline uses encoder + global + decoder layers as one token-level stack)."""
@@ -23,12 +36,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width ({self.width}) must be a multiple of num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        _check_heads(self)
         for name in ("vocab_size", "num_classes", "grid_height", "grid_width", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -69,6 +77,9 @@ class EntropyConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+
+    def __post_init__(self):
+        _check_heads(self)
 
     head_dim = ModelConfig.head_dim
     tokens_per_image = ModelConfig.tokens_per_image

@@ -2,7 +2,10 @@
 
 q [total_q, Hq, d], k/v [total_k, Hk, d], cu_seqlens_q/k int32 [B+1]. Causal masks bottom-right aligned:
 query j of a length-Lq sequence with Lk keys sees keys 0 .. Lk-Lq+j. A query that sees no key outputs 0 and
-has log-sum-exp -inf. Computes in float64 for float64 inputs, else float32.
+has log-sum-exp -inf. Computes in float64 for float64 inputs, else float32. NaN propagates: a NaN in a query row,
+or in a key/value row a query sees, makes that query's output row NaN and its log-sum-exp -inf (no finite
+normaliser), as the cpu, cuda and triton kernels do. A NaN v row may also reach queries of its sequence that do not
+see that key (probability 0 times NaN) on every backend. +-inf inputs are not given a defined result.
 """
 import torch
 
@@ -18,10 +21,10 @@ def _sequence_attention(q, k, v, scale: float, causal: bool):
         allowed = torch.arange(lk, device=q.device)[None, :] <= (lk - lq + torch.arange(lq, device=q.device))[:, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse)
+    finite = ~torch.isneginf(lse)  # -inf: sees no key (output 0); NaN and +inf propagate
     probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
     probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
-    return torch.einsum("hqk,khd->qhd", probs, v), lse
+    return torch.einsum("hqk,khd->qhd", probs, v), torch.where(lse.isnan(), float("-inf"), lse)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -51,8 +54,8 @@ def _sequence_backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     if causal:
         allowed = torch.arange(lk, device=q.device)[None, :] <= (lk - lq + torch.arange(lq, device=q.device))[:, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
-    finite = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    finite = ~torch.isneginf(lse) | scores.isnan().any(-1)  # a NaN row (lse -inf) propagates NaN gradients
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
     dv = torch.einsum("hqk,qhd->khd", probs, dout)
     dprobs = torch.einsum("qhd,khd->hqk", dout, v_rep)

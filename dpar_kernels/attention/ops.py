@@ -8,7 +8,7 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_cu_seqlens, check_float, check_same_device
+from .._checks import check_cu_seqlens, check_finite, check_float, check_index, check_same_device, check_tensor
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
@@ -119,10 +119,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     torch/cpu), last dim contiguous (other strides free, e.g. slices of a fused qkv). cu_seqlens_q/k int32 [B+1].
     max_seqlen_q/k: at least the longest sequence. causal=True masks bottom-right aligned. softmax_scale
     defaults to 1/sqrt(d). Returns out [total_q, Hq, d], and with return_lse=True also lse float32
-    [Hq, total_q] (-inf for a query that sees no key; its output row is 0).
+    [Hq, total_q] (-inf for a query that sees no key; its output row is 0). max_seqlen_q/k: ints of any integer
+    kind (Python, numpy, 0-d tensor). softmax_scale must be finite (ValueError for NaN/inf).
+
+    NaN (the same on every backend): a NaN in a query's q row, or in a k or v row it sees, makes its output row NaN
+    and its lse -inf; a NaN k row a query does not see leaves it untouched, a NaN v row may reach every query of its
+    sequence (0 * NaN in the P @ V product). +-inf inputs have no defined result.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, ndim=3)
+    check_tensor("cu_seqlens_q", cu_seqlens_q)
+    check_tensor("cu_seqlens_k", cu_seqlens_k)
     device = check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -130,6 +137,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("q, k, v must have a head dim >= 1, got 0")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of "
                          f"key/value heads ({k.shape[1]})")
@@ -138,9 +147,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    max_seqlen_q, max_seqlen_k = check_index("max_seqlen_q", max_seqlen_q), check_index("max_seqlen_k", max_seqlen_k)
     for name, value, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TypeError(f"{name} must be a non-negative int, got {value!r}")
         if longest is not None and value < longest:
             raise ValueError(f"{name}={value} is smaller than the longest sequence ({longest})")
     if q.dtype == torch.float64 and backend in ("triton", "cuda"):
@@ -152,7 +160,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"head dim {q.shape[2]} is not supported by backend {backend!r} "
                          f"(supported: {KERNEL_HEAD_DIMS}; the torch and cpu backends take any)")
     backend = resolve_backend("varlen_attention", backend, device, supported)
-    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
                              backend)

@@ -21,8 +21,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     rows = max(1, ROW_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     out = torch.empty(logits.shape[0], dtype=z_dtype, device=logits.device)
     for start in range(0, logits.shape[0], rows):
-        z = logits[start:start + rows].to(z_dtype) / temperature
-        out[start:start + rows] = _entropy_of_logits(z)
+        z = logits[start:start + rows].to(z_dtype)
+        # shifted by the row max before scaling (as the kernels' online state): a tiny temperature cannot overflow
+        out[start:start + rows] = _entropy_of_logits((z - z.amax(-1, keepdim=True)) / temperature)
     return out
 
 

@@ -1,7 +1,7 @@
 """Public entropy ops: token_entropy and linear_entropy (forward only)."""
 import torch
 
-from .._checks import check_float, check_positive, check_same_device, check_tensor
+from .._checks import check_float, check_same_device, check_temperature
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy, reject_grad
 from . import cpu_linear, naive
@@ -45,12 +45,17 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
     """Shannon entropy (nats) of softmax(logits / temperature) over the last dim.
 
     logits [..., V] fp32/fp16/bf16 (fp64 on the torch and cpu backends); -inf entries are masked vocabulary.
-    Returns float32 [...]. Forward only. A row that is entirely -inf has no distribution and gives NaN.
+    Returns float32 [...]. Forward only.
+
+    Edge values (the same on every backend): a row that is entirely -inf has no distribution and gives NaN; a NaN
+    logit makes its row NaN; +inf logits are not given a defined result. temperature must be finite and > 0
+    (ValueError otherwise, NaN included) and is clamped to [1e-20, 1e20]: a huge temperature gives log V (the
+    uniform limit), a tiny one log(number of maximal logits) (the arg-max limit), never NaN.
     """
     check_float("logits", logits, min_ndim=1)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty last dim (the vocabulary)")
-    check_positive("temperature", temperature)
+    temperature = check_temperature(temperature)
     reject_grad("token_entropy", logits=logits)
     supported = supported_for_dtype(tuple(_TOKEN_ENTROPY), logits.dtype)
     backend = resolve_backend("token_entropy", backend, logits.device, supported)
@@ -82,7 +87,7 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"bias must have V={weight.shape[0]} entries, got {bias.shape[0]}")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    check_positive("temperature", temperature)
+    temperature = check_temperature(temperature)
     reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
     supported = supported_for_dtype(tuple(_LINEAR_ENTROPY), hidden.dtype)
     backend = resolve_backend("linear_entropy", backend, hidden.device, supported)

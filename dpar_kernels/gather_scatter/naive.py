@@ -17,13 +17,14 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, with_arg
     patch or a NaN column; otherwise an empty int32 tensor). Max and mean of an empty patch are 0."""
     num_patches, total = cu_tokens.numel() - 1, x.shape[0]
     ids = segment_ids(cu_tokens, total)
-    lengths = (cu_tokens[1:] - cu_tokens[:-1]).to(x.dtype)
+    lengths = (cu_tokens[1:] - cu_tokens[:-1]).long()
     no_argmax = torch.empty(0, dtype=torch.int32, device=x.device)
-    if reduce in ("sum", "mean"):
-        out = x.new_zeros(num_patches, x.shape[1]).index_add_(0, ids, x)
+    if reduce in ("sum", "mean"):  # accumulated in float32 (float64 for float64 x), rounded once at the end
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = torch.zeros(num_patches, x.shape[1], dtype=acc, device=x.device).index_add_(0, ids, x.to(acc))
         if reduce == "mean":
-            out = out / lengths.clamp(min=1)[:, None]
-        return out, no_argmax
+            out = out / lengths.to(acc).clamp(min=1)[:, None]
+        return out.to(x.dtype), no_argmax
     out = x.new_full((num_patches, x.shape[1]), float("-inf"))
     out = out.scatter_reduce(0, ids[:, None].expand_as(x), x, reduce="amax", include_self=True)
     empty = (lengths == 0)[:, None]

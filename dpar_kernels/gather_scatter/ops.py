@@ -4,7 +4,7 @@ Both are differentiable custom ops; each backward is itself a custom op running 
 """
 import torch
 
-from .._checks import check_cu_seqlens, check_float
+from .._checks import check_cu_seqlens, check_float, check_index, check_tensor
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
@@ -111,7 +111,12 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
 
     x [total_tokens, D] fp32/fp16/bf16 (fp64 on torch/cpu), cu_tokens int32 [P+1] token offsets of each patch.
     Returns [P, D] in x's dtype. reduce: "max" (gradient to the first arg-max token), "sum" or "mean".
-    An empty patch gives 0 for every reduction and passes no gradient.
+    An empty patch gives 0 for every reduction and passes no gradient. "sum" and "mean" accumulate in float32
+    (float64 for float64 x) on every backend, rounding once to x's dtype.
+
+    NaN/inf (the same on every backend): a NaN token makes its patch's column NaN for every reduction (a NaN
+    column of "max" has no arg-max and passes no gradient); +-inf propagate as in IEEE arithmetic (inf + -inf is
+    NaN); a sum that overflows x's dtype is inf.
     """
     x = _rows("x", x)
     if reduce not in REDUCTIONS:
@@ -126,17 +131,19 @@ def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int
                   backend: str | None = None) -> torch.Tensor:
     """Broadcasts each patch row to its tokens: y [P, D], cu_tokens int32 [P+1] -> [total_tokens, D].
 
-    total_tokens (optional) saves reading cu_tokens[-1] from the device; it must equal it.
+    total_tokens (optional, an int of any integer kind) saves reading cu_tokens[-1] from the device; it must equal it.
     Backward is the segment sum.
     """
     y = _rows("y", y)
+    check_tensor("cu_tokens", cu_tokens)
     if cu_tokens.dim() == 1 and cu_tokens.numel() != y.shape[0] + 1:
         raise ValueError(f"cu_tokens must have P+1={y.shape[0] + 1} entries for y with P={y.shape[0]} rows, "
                          f"got {cu_tokens.numel()}")
     if total_tokens is None:
-        if not isinstance(cu_tokens, torch.Tensor) or cu_tokens.numel() == 0:
+        if cu_tokens.numel() == 0:
             raise ValueError("cu_tokens must be a non-empty int32 tensor")
         total_tokens = int(cu_tokens[-1].item())
+    total_tokens = check_index("total_tokens", total_tokens)
     check_cu_seqlens("cu_tokens", cu_tokens, total_tokens, y.device)
     backend = resolve_backend("patch_scatter", backend, y.device, supported_for_dtype(tuple(_SCATTER), y.dtype))
     return _scatter_op(y, cu_tokens, total_tokens, backend)

@@ -1,7 +1,7 @@
 """DPAR patch boundaries from entropies, vectorised over images and tokens (no Python loops)."""
 import torch
 
-from .._checks import check_float, check_tensor
+from .._checks import INT32_MAX, check_float, check_tensor
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -63,14 +63,22 @@ def entropy_patch_lengths(entropy: torch.Tensor, *, threshold, max_patch_size: i
 
 
 def lengths_to_cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
-    """lengths [n] integer (non-negative) -> int32 [n+1] offsets starting at 0."""
+    """lengths [n] integer (non-negative) -> int32 [n+1] offsets starting at 0.
+
+    ValueError when the lengths sum past int32 (offsets are int32); summed in int64, so nothing wraps silently.
+    """
     check_tensor("lengths", lengths, ndim=1)
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if not torch.compiler.is_compiling() and lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError("lengths must be non-negative")
+    offsets = lengths.long().cumsum(0)
+    if not torch.compiler.is_compiling() and lengths.numel():
+        smallest, total = torch.stack([lengths.min().long(), offsets[-1]]).tolist()  # one host read
+        if smallest < 0:
+            raise ValueError("lengths must be non-negative")
+        if total > INT32_MAX:
+            raise ValueError(f"lengths sum to {total}, more than int32 offsets hold (2**31-1)")
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
-    cu[1:] = lengths.cumsum(0)
+    cu[1:] = offsets
     return cu
 
 
