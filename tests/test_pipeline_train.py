@@ -64,7 +64,7 @@ def test_flop_budget_stops_and_resume_checks_settings(tmp_path):
     budget = 2.5 * one[0]["flops"]
     records = train.train(train_args(common + ["--flop-budget", budget]))
     assert len(records) == 3 and records[-1]["cum_flops"] >= budget > records[-2]["cum_flops"]
-    with pytest.raises(ValueError, match="batch size 8"):
+    with pytest.raises(ValueError, match="--batch-size: 8 in .*, 4 now"):
         train.train(train_args(common[:-4] + ["--batch-size", 4, "--out", tmp_path / "run", "--steps", 4,
                                               "--resume"]))
     with pytest.raises(ValueError, match="--patches"):

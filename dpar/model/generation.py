@@ -9,6 +9,7 @@ from .blocks import grid_positions
 from .kv_cache import KVCache
 from .patcher import PatchBatch
 from .sampling import guided_logits, sample_logits
+from .sampling_args import check_sampling_args
 
 
 def _labels(model, class_labels, cfg_scale: float) -> torch.Tensor:
@@ -41,6 +42,7 @@ def _repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 def generate_baseline(model, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
                       generator=None) -> torch.Tensor:
     """LlamaGenBaseline sampling -> tokens int64 [B, H*W]."""
+    check_sampling_args(cfg_scale=cfg_scale, temperature=temperature)
     labels = _labels(model, class_labels, cfg_scale)
     rows, length = labels.numel(), model.config.tokens_per_image
     batch = rows if cfg_scale == 1.0 else rows // 2
@@ -103,6 +105,7 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     encoder state of token t-1 and the global output before t's patch; the sampled token feeds the encoder
     and the entropy model. Returns tokens int64 [B, H*W] and the PatchBatch of the patches used.
     """
+    check_sampling_args(cfg_scale=cfg_scale, temperature=temperature, threshold=threshold)
     c = model.config
     if isinstance(max_patch_size, bool) or not isinstance(max_patch_size, int) or max_patch_size < 1:
         raise ValueError(f"max_patch_size must be an int >= 1, got {max_patch_size!r}")

@@ -2,14 +2,19 @@
 
 Tensor keys: ``model.<name>`` (state_dict), ``optim.<param index>.<key>`` (per-parameter optimizer state),
 ``rng.torch`` / ``rng.cuda.<device>``. Metadata (JSON strings): format, kind, config, step, the optimizer's
-param_groups and any extra state. Writes go to a temporary file in the same folder, are fsynced, then renamed over
-the target with os.replace, so a kill leaves either the old or the new checkpoint, never a torn one.
+param_groups, any extra state and ``checksum`` (SHA-256 of every tensor's name, dtype, shape and bytes, checked on
+load, so flipped bytes give an error instead of a model that trains to NaN). Writes go to a temporary file in the
+same folder (mode 0666 minus the umask, like any file), are fsynced, then renamed over the target with os.replace,
+so a kill leaves either the old or the new checkpoint, never a torn one; temporary files a kill left behind are
+removed by the next save of the same checkpoint.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
-import tempfile
+import secrets
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -46,18 +51,39 @@ def save_checkpoint(path: str, *, kind: str, config: dict, step: int, model: tor
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{device}"] = state
+    metadata["checksum"] = tensors_checksum(tensors)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(handle)
+    for stale in glob.glob(_temp_pattern(path, "*")):  # left by a process killed while writing
+        os.remove(stale)
+    tmp_path = _temp_pattern(path, f"{os.getpid()}-{secrets.token_hex(4)}")
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
     try:
         save_file(tensors, tmp_path, metadata=metadata)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as error:
+        raise OSError(error.errno, f"checkpoint {path} could not be written ({error}); the previous checkpoint, "
+                                   f"if any, is unchanged") from error
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def _temp_pattern(path: str, tag: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".tmp-{name}-{tag}.safetensors")
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def read_checkpoint(path: str, with_tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -72,6 +98,8 @@ def read_checkpoint(path: str, with_tensors: bool = True) -> tuple[dict[str, str
         raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
     if metadata.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} has format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if with_tensors and "checksum" in metadata and tensors_checksum(tensors) != metadata["checksum"]:
+        raise ValueError(f"checkpoint {path} is corrupt: its tensors do not match the checksum stored with them")
     return metadata, tensors
 
 

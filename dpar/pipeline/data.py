@@ -4,6 +4,8 @@ On disk a token dataset is the layout LlamaGen's ``extract_codes`` step writes:
 ``ROOT/codes/<i>.npy`` (integer codes of one image: [T], [1, T], [H, W], [1, H, W], or with an augmentation /
 ten-crop axis [A, T], [A, H, W], [1, A, T]) and ``ROOT/labels/<i>.npy`` (its class, any shape with one element).
 An optional ``ROOT/meta.json`` gives ``grid_height``, ``grid_width``, ``vocab_size`` and ``num_classes``.
+Labels must be integers in [0, num_classes) (num_classes itself is the model's null class). Every unreadable or
+inconsistent file is a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 META_FILE = "meta.json"
+META_FIELDS = ("grid_height", "grid_width", "vocab_size", "num_classes")
 EMBEDDED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                    "retina", "stereo_motorcycle")
 
@@ -24,6 +27,14 @@ EMBEDDED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_fiel
 def _numbered_files(folder: str) -> dict[str, str]:
     """{stem: path} of the ``<stem>.npy`` files in ``folder``."""
     return {name[:-4]: os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".npy")}
+
+
+def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+    """np.load with errors (truncated, not .npy, pickled objects) naming ``path``."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npy file (truncated or corrupt?): {error}") from error
 
 
 def _sort_key(stem: str):
@@ -85,7 +96,7 @@ class TokenGridDataset(Dataset):
         self._label_paths = [labels[s] for s in self.stems]
         meta = self._read_meta(root)
         known = (grid_height or meta.get("grid_height"), grid_width or meta.get("grid_width"))
-        first_shape = np.load(self._codes_paths[0], mmap_mode="r").shape
+        first_shape = _load_npy(self._codes_paths[0], mmap=True).shape
         self.variants, grid = _layout(first_shape, None if None in known else known, self._codes_paths[0])
         self.grid_height, self.grid_width = int(grid[0]), int(grid[1])
         self.tokens_per_image = self.grid_height * self.grid_width
@@ -99,13 +110,23 @@ class TokenGridDataset(Dataset):
         path = os.path.join(root, META_FILE)
         if not os.path.exists(path):
             return {}
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not readable JSON: {error}") from error
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path} must hold a JSON object with {', '.join(META_FIELDS)}")
+        for key in META_FIELDS:
+            value = meta.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{path}: {key} must be an integer >= 1, got {value!r}")
+        return meta
 
     def _variants(self, image: int) -> np.ndarray:
         """codes of one image as [A, T] (memory-mapped), checked against the dataset's layout."""
         path = self._codes_paths[image]
-        codes = np.load(path, mmap_mode="r")
+        codes = _load_npy(path, mmap=True)
         if not np.issubdtype(codes.dtype, np.integer):
             raise ValueError(f"codes file {path} has dtype {codes.dtype}; codes must be integers")
         variants = codes.reshape(-1, self.tokens_per_image) if codes.size % self.tokens_per_image == 0 else codes
@@ -123,10 +144,18 @@ class TokenGridDataset(Dataset):
         self.num_classes = self.num_classes or max_label + 1
 
     def _label(self, image: int) -> int:
-        label = np.load(self._label_paths[image])
+        path = self._label_paths[image]
+        label = _load_npy(path)
         if label.size != 1:
-            raise ValueError(f"labels file {self._label_paths[image]} must hold one label, has shape {label.shape}")
-        return int(label.reshape(()))
+            raise ValueError(f"labels file {path} must hold one label, has shape {label.shape}")
+        if not np.issubdtype(label.dtype, np.integer):
+            raise ValueError(f"labels file {path} has dtype {label.dtype} (value {label.reshape(())}); labels must "
+                             f"be integers")
+        value = int(label.reshape(()))
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            raise ValueError(f"labels file {path} holds class {value}, outside [0, {self.num_classes}) "
+                             f"(class {self.num_classes} would be the model's null class)")
+        return value
 
     def __len__(self) -> int:
         return len(self.stems) * self.variants

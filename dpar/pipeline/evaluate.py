@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .runlog import read_log
+
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -24,11 +26,6 @@ def patch_statistics(patch_lengths: torch.Tensor, cu_patches: torch.Tensor, toke
             "patches_max": int(per_image.max()) if per_image.numel() else 0,
             "reduction": tokens_per_image / mean if mean else float("nan"),
             "mean_patch_length": float(patch_lengths.double().mean()) if patch_lengths.numel() else 0.0}
-
-
-def read_log(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def flops_to_target(records: list[dict], target: float, key: str = "loss", smoothing: int = 1) -> float | None:

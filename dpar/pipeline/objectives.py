@@ -2,6 +2,8 @@
 batch, batch loading and the held-out loss."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,4 +66,7 @@ def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, 
         total += float(loss_module(tokens, labels, *patches)) * len(indices)
         count += len(indices)
     loss_module.train(was_training)
-    return total / max(count, 1)
+    mean = total / max(count, 1)
+    if not math.isfinite(mean):
+        raise ValueError(f"the held-out loss is {mean}: the model or the data give non-finite values")
+    return mean

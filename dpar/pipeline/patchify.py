@@ -15,6 +15,14 @@ import dpar_kernels as dk
 FORMAT = "dpar-patches-v1"
 
 
+def check_entropy_vocab(entropy_model: torch.nn.Module, dataset, checkpoint: str = "the entropy model") -> None:
+    """ValueError when the dataset's codes reach past the entropy model's vocabulary (its embedding would fail)."""
+    vocab = entropy_model.config.vocab_size
+    if dataset.vocab_size > vocab:
+        raise ValueError(f"{checkpoint} has a vocabulary of {vocab} codes but the dataset {dataset.root!r} has "
+                         f"{dataset.vocab_size}; train the entropy model on this dataset's tokenizer")
+
+
 @torch.no_grad()
 def dataset_entropies(entropy_model: torch.nn.Module, dataset, batch_size: int = 64,
                       device: str | torch.device = "cpu") -> torch.Tensor:
@@ -38,7 +46,7 @@ def threshold_for_reduction(entropies: torch.Tensor, reduction: float, max_patch
 
     ValueError when even the largest threshold cannot reach ``reduction`` (rows and max_patch_size cap it).
     """
-    if reduction < 1:
+    if not reduction >= 1:  # NaN included
         raise ValueError(f"target reduction must be >= 1, got {reduction}")
     values = entropies.reshape(-1).sort().values
     target = entropies.numel() / reduction
@@ -126,6 +134,7 @@ def patchify(data: str, entropy_ckpt: str, out: str, *, threshold: float | None 
         raise ValueError("give exactly one of threshold and target_reduction")
     dataset = TokenGridDataset(data)
     model, _ = load_model(entropy_ckpt, "entropy", device)
+    check_entropy_vocab(model, dataset, entropy_ckpt)
     entropies = dataset_entropies(model, dataset, batch_size, device)
     if threshold is None:
         threshold = threshold_for_reduction(entropies, target_reduction, max_patch_size, dataset.grid_width)

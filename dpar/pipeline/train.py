@@ -5,6 +5,10 @@ at 1.0, bf16 autocast on GPU (fp32 on CPU). The data order and every random draw
 (seed, s, rank), so a run resumed from a checkpoint continues exactly (bitwise on CPU). DDP starts from torchrun's
 environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU; --batch-size is the global batch. Outputs in --out:
 checkpoint.safetensors (see dpar.checkpoint) and log.jsonl (one JSON record per step).
+
+Safeguards (dpar.pipeline.safeguards): arguments are checked before any work; SIGINT/SIGTERM finish the current
+step, checkpoint it and exit non-zero; a NaN/inf loss or gradient norm stops training with an error before that step
+is saved; --resume needs a checkpoint and refuses changed settings (listing them) unless --allow-changed.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -23,6 +29,9 @@ from .builders import KINDS, build_model, load_model, make_config
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenGridDataset
 from .objectives import LossModule, PatchSource, heldout_loss, load_batch
+from .runlog import read_log
+from .safeguards import (StopSignals, TrainingInterrupted, check_finite_step, check_resume, trajectory_settings,
+                         validate_train_args)
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -92,9 +101,7 @@ class Distributed:
 def _read_log(path: str, up_to_step: int) -> list[dict]:
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
+    return [r for r in read_log(path) if r.get("step", 0) <= up_to_step]
 
 
 def _patch_source(args, dataset, device) -> PatchSource | None:
@@ -104,7 +111,9 @@ def _patch_source(args, dataset, device) -> PatchSource | None:
         from .patchify import PatchTable
         return PatchSource(table=PatchTable.load(args.patches, dataset))
     if args.entropy_ckpt and args.threshold is not None:
+        from .patchify import check_entropy_vocab
         entropy_model, _ = load_model(args.entropy_ckpt, "entropy", device)
+        check_entropy_vocab(entropy_model, dataset, args.entropy_ckpt)
         return PatchSource(entropy_model=entropy_model, threshold=args.threshold,
                            max_patch_size=args.max_patch_size, grid_width=dataset.grid_width)
     raise ValueError("training dpar needs --patches FILE (from `dpar patchify`) or --entropy-ckpt and --threshold")
@@ -112,9 +121,17 @@ def _patch_source(args, dataset, device) -> PatchSource | None:
 
 def train(args: argparse.Namespace, on_step=None) -> list[dict]:
     """Run (or resume) training as ``args`` say; returns the log records. ``on_step(record, model)`` is called
-    after every step (after the checkpoint of that step is written)."""
-    if args.steps is None and args.flop_budget is None:
-        raise ValueError("give --steps or --flop-budget (or both)")
+    after every step (after the checkpoint of that step is written).
+
+    Raises ValueError for bad arguments or a refused resume, NonFiniteLossError (a ValueError) on a NaN/inf loss,
+    TrainingInterrupted after SIGINT/SIGTERM (the last finished step checkpointed).
+    """
+    validate_train_args(args)
+    with StopSignals() as stop:
+        return _train(args, on_step, stop)
+
+
+def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
     env = Distributed(args.device)
     dataset = TokenGridDataset(args.data)
     config = make_config(args.kind, args.size, dataset, args.override)
@@ -123,13 +140,15 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
     optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, CHECKPOINT), os.path.join(args.out, LOG)
-    step, cum_flops = 0, 0.0
-    if args.resume and os.path.exists(ckpt_path):
+    step, cum_flops, saved_step = 0, 0.0, None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume: no checkpoint {ckpt_path} to resume from (check --out; drop --resume to "
+                             f"start from step 0)")
         info = load_checkpoint(ckpt_path, model, kind=args.kind, config=config, optimizer=optimizer)
-        if info["extra"].get("batch_size") != args.batch_size or info["extra"].get("seed") != args.seed:
-            raise ValueError(f"checkpoint {ckpt_path} was trained with batch size {info['extra'].get('batch_size')} "
-                             f"and seed {info['extra'].get('seed')}; resume with the same values")
+        check_resume(ckpt_path, info["extra"], args, optimizer)
         step, cum_flops = info["step"], info["extra"]["cum_flops"]
+        saved_step = step
     records = _read_log(log_path, step) if args.resume else []
     if env.rank == 0:
         with open(log_path, "w") as f:
@@ -173,6 +192,7 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
             flops_now = step_flops(args.kind, model, (tokens, labels), patches)
         flops_now = env.sum(flops_now)
         loss_value = env.mean(float(loss.detach()))
+        check_finite_step(step + 1, loss_value, float(grad_norm), args.out, saved_step)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         elapsed = time.perf_counter() - started
@@ -189,18 +209,25 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
         records.append(record)
         finished = (args.steps is not None and step >= args.steps) or (
             args.flop_budget is not None and cum_flops >= args.flop_budget)
+        stopping = stop.received is not None
+        if env.world > 1:  # every rank stops after the same step
+            stopping = env.sum(float(stopping)) > 0
         if env.rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if step % args.ckpt_every == 0 or finished:
+            if step % args.ckpt_every == 0 or finished or stopping:
                 extra = {"cum_flops": cum_flops, "batch_size": args.batch_size, "seed": args.seed,
-                         "data": os.path.abspath(args.data)}
+                         "data": os.path.abspath(args.data), "settings": trajectory_settings(args)}
                 save_checkpoint(ckpt_path, kind=args.kind, config=config, step=step, model=model,
                                 optimizer=optimizer, extra=extra)
+                saved_step = step
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if on_step is not None:
             on_step(record, model)
+        if stopping:
+            progress.close()
+            raise TrainingInterrupted(stop.received or signal.SIGTERM, step, ckpt_path)
     progress.close()
     if env.world > 1:
         dist.barrier()
@@ -227,6 +254,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="total optimizer steps")
     parser.add_argument("--flop-budget", type=float, help="stop once the training FLOPs reach this many")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    parser.add_argument("--allow-changed", action="store_true",
+                        help="with --resume: apply settings that differ from the checkpoint's instead of refusing")
     parser.add_argument("--size", default="tiny", help="config preset: tiny, B, L, XL")
     parser.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="config fields to override")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
@@ -249,7 +278,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    records = train(args)
+    try:
+        records = train(args)
+    except TrainingInterrupted as stopped:
+        print(f"dpar train: {stopped}", file=sys.stderr)
+        raise SystemExit(128 + stopped.signum) from None
     if records and int(os.environ.get("RANK", "0")) == 0:
         last = records[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['cum_flops']:.3e} training FLOPs -> {args.out}")

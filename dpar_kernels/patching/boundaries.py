@@ -22,6 +22,9 @@ def _thresholds(threshold, batch: int, device: torch.device) -> torch.Tensor:
         return threshold.to(torch.float64)[:, None]
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a float or a [B] tensor, got {type(threshold).__name__}")
+    if threshold != threshold:
+        raise ValueError("threshold must not be NaN (an entropy is never above NaN: the patches would silently be "
+                         "max_patch_size chunks)")
     return torch.full((batch, 1), float(threshold), dtype=torch.float64, device=device)
 
 
@@ -47,6 +50,8 @@ def entropy_patch_lengths(entropy: torch.Tensor, *, threshold, max_patch_size: i
     Token i+1 starts a patch when H_i > threshold; token 0 and (with row_width) every multiple of row_width
     start one; runs longer than max_patch_size are cut greedily into max-size chunks.
     Returns patch_lengths int32 [P_total] (images in order) and cu_patches int32 [B+1].
+    A float threshold of NaN is a ValueError; a NaN entry of a threshold tensor (not read on the host) and a NaN
+    entropy compare False, so they start no patch.
     """
     check_float("entropy", entropy, ndim=2)
     _check_int("max_patch_size", max_patch_size, 1)
