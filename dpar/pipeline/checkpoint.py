@@ -59,7 +59,9 @@ def save_checkpoint(path: str, *, kind: str, config: dict, step: int, model: tor
     tmp_path = _temp_pattern(path, f"{os.getpid()}-{secrets.token_hex(4)}")
     os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
     try:
+        mode = os.stat(tmp_path).st_mode & 0o777
         save_file(tensors, tmp_path, metadata=metadata)
+        os.chmod(tmp_path, mode)  # safetensors writes files 0600
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
