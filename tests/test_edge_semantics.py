@@ -176,3 +176,19 @@ def test_config_rejects_zero_heads_and_head_dim(name, fields):
     from dpar.model.config import get_config
     with pytest.raises(ValueError, match="num_heads|num_kv_heads"):
         get_config(name, **fields)
+
+
+@pytest.mark.parametrize("knobs, name", [(dict(temperature=NAN), "temperature"), (dict(cfg_scale=NAN), "cfg_scale"),
+                                         (dict(cfg_scale=math.inf), "cfg_scale"), (dict(temperature=-1.0),
+                                                                                   "temperature"),
+                                         (dict(threshold=NAN), "threshold"),
+                                         (dict(threshold=torch.tensor([0.5, NAN])), "threshold")])
+def test_generate_rejects_nan_sampling_knobs(knobs, name):
+    from model_utils import tiny_models
+    _, dpar_model, baseline, entropy_model = tiny_models(torch.float32)
+    threshold = knobs.pop("threshold", 1.0)
+    with pytest.raises(ValueError, match=name):
+        dpar_model.generate([0, 1], entropy_model=entropy_model, threshold=threshold, max_patch_size=2, **knobs)
+    if name != "threshold":
+        with pytest.raises(ValueError, match=name):
+            baseline.generate([0, 1], **knobs)

@@ -71,6 +71,49 @@ def test_loader_errors_name_the_problem(tmp_path):
         TokenGridDataset(str(tmp_path))
 
 
+def _two_items(root, labels=(0, 1), num_classes=2):
+    for i, label in enumerate(labels):
+        _write(root, i, np.zeros((1, 4), np.int32), label)
+    (root / "meta.json").write_text(json.dumps({"grid_height": 2, "grid_width": 2, "vocab_size": 4,
+                                                "num_classes": num_classes}))
+
+
+def test_labels_must_be_integers_below_num_classes(tmp_path):
+    _two_items(tmp_path, labels=(0, 2))  # 2 == num_classes: the null class
+    with pytest.raises(ValueError, match=r"labels/1.npy holds class 2, outside \[0, 2\).*null class"):
+        TokenGridDataset(str(tmp_path))[1]
+    np.save(tmp_path / "labels" / "1.npy", np.array([-1]))
+    with pytest.raises(ValueError, match="labels/1.npy holds class -1"):
+        TokenGridDataset(str(tmp_path))[1]
+    np.save(tmp_path / "labels" / "1.npy", np.array([1.7]))
+    with pytest.raises(ValueError, match="labels/1.npy has dtype float64.*integers"):
+        TokenGridDataset(str(tmp_path))[1]
+    np.save(tmp_path / "labels" / "1.npy", np.array([1]))
+    assert int(TokenGridDataset(str(tmp_path))[1][1]) == 1
+
+
+@pytest.mark.parametrize("meta, match", [("{not json", "not readable JSON"), ("[1, 2]", "JSON object"),
+                                         ('{"grid_height": "2"}', "grid_height must be an integer"),
+                                         ('{"num_classes": 0}', "num_classes must be an integer >= 1")])
+def test_bad_meta_json_names_the_file(tmp_path, meta, match):
+    _two_items(tmp_path)
+    (tmp_path / "meta.json").write_text(meta)
+    with pytest.raises(ValueError, match=f"meta.json.*{match}"):
+        TokenGridDataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("folder", ["codes", "labels"])
+def test_truncated_npy_names_the_file(tmp_path, folder):
+    _two_items(tmp_path)
+    path = tmp_path / folder / "1.npy"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=f"{folder}/1.npy is not a readable .npy file"):
+        TokenGridDataset(str(tmp_path))[1]
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"{folder}/1.npy is not a readable .npy file"):
+        TokenGridDataset(str(tmp_path))[1]
+
+
 def test_random_crops_are_deterministic_and_labelled_by_photo():
     photos = load_embedded_photos()
     images, labels = random_crops(photos, 10, 16, seed=3)

@@ -131,3 +131,31 @@ def test_patch_table_batches_and_threshold_for_reduction():
         assert PatchTable.from_entropies(entropies, float(below[-1]), 4, 4).reduction < 2.0
     with pytest.raises(ValueError, match="out of reach"):
         threshold_for_reduction(entropies, 5.0, 4, 4)
+
+
+def test_patchify_refuses_an_entropy_model_of_smaller_vocabulary(tmp_path):
+    import dataclasses
+
+    from dpar.model.config import get_config
+    from dpar.pipeline.builders import build_model
+    from dpar.pipeline.patchify import patchify
+
+    write_random_dataset(tmp_path / "data", count=4, vocab=16)
+    config = dataclasses.asdict(get_config("entropy-tiny", vocab_size=8, grid_height=4, grid_width=4, num_heads=2,
+                                           num_kv_heads=2))
+    checkpoint.save_checkpoint(str(tmp_path / "entropy.safetensors"), kind="entropy", config=config, step=0,
+                               model=build_model("entropy", config))
+    with pytest.raises(ValueError, match=r"entropy.safetensors has a vocabulary of 8 codes .* has 16"):
+        patchify(str(tmp_path / "data"), str(tmp_path / "entropy.safetensors"), str(tmp_path / "p.pt"), threshold=1.0)
+    with pytest.raises(ValueError, match="vocabulary of 8"):
+        train.train(train_args(["dpar", "--data", tmp_path / "data", "--out", tmp_path / "d", "--steps", 1,
+                                "--batch-size", 2, "--entropy-ckpt", tmp_path / "entropy.safetensors",
+                                "--threshold", 1.0]))
+
+
+def test_nan_threshold_and_reduction_are_rejected():
+    entropies = torch.rand(2, 16)
+    with pytest.raises(ValueError, match="threshold must not be NaN"):
+        dk.entropy_patch_lengths(entropies, threshold=float("nan"), max_patch_size=4)
+    with pytest.raises(ValueError, match="target reduction"):
+        threshold_for_reduction(entropies, float("nan"), 4, 4)
