@@ -143,6 +143,15 @@ def test_entropy_temperature_limits(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_entropy_temperature_limits(backend):
+    hidden, weight = torch.randn(3, 8), torch.randn(16, 8)
+    torch.testing.assert_close(dk.linear_entropy(hidden, weight, temperature=1e300, backend=backend),
+                               torch.full((3,), math.log(16)))
+    torch.testing.assert_close(dk.linear_entropy(hidden, weight, temperature=1e-300, backend=backend).abs(),
+                               torch.zeros(3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_nan_row_and_masked_rows(backend):
     logits = torch.randn(3, 16)
     logits[0] = -math.inf

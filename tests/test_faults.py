@@ -242,3 +242,16 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, dataset, flag, valu
     with pytest.raises(ValueError, match=flag):
         train.train(train_args(_common(dataset, out, 2, flag, value)))
     assert not out.exists()
+
+
+def test_heldout_loss_of_a_nan_model_is_an_error(tmp_path, dataset):
+    from dpar.pipeline.data import TokenGridDataset
+    from dpar.pipeline.objectives import LossModule, heldout_loss
+
+    out = tmp_path / "run"
+    train.train(train_args(_common(dataset, out, 1)))
+    model, _ = train.load_model(_ckpt(out), "baseline")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="held-out loss is nan"):
+        heldout_loss(LossModule("baseline", model, 4), TokenGridDataset(str(dataset)), batch_size=8)
