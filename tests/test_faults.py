@@ -232,6 +232,9 @@ def test_resume_without_a_checkpoint_is_an_error_and_keeps_the_log(tmp_path, dat
     with pytest.raises(ValueError, match=r"--resume: no checkpoint .*checkpoint.safetensors"):
         train.train(train_args(_common(dataset, out, 2, "--resume")))
     assert (out / train.LOG).read_text() == '{"step": 1}\n'
+    with pytest.raises(ValueError, match="check --out"):  # a mistyped --out
+        train.train(train_args(_common(dataset, tmp_path / "rnu", 2, "--resume")))
+    assert not (tmp_path / "rnu").exists()
 
 
 @pytest.mark.parametrize("flag, value", [("--grad-clip", -1), ("--grad-clip", 0), ("--steps", 0), ("--steps", -5),

@@ -13,8 +13,8 @@ import torch
 
 # Settings that shape the training trajectory: a resume must use the checkpoint's values (or --allow-changed).
 OPTIMIZER_SETTINGS = ("lr", "beta1", "beta2", "weight_decay")
-TRAJECTORY_SETTINGS = OPTIMIZER_SETTINGS + ("grad_clip", "batch_size", "seed", "data", "patches", "entropy_ckpt",
-                                            "threshold", "max_patch_size")
+PATCH_SETTINGS = ("patches", "entropy_ckpt", "threshold", "max_patch_size")  # DPAR only
+TRAJECTORY_SETTINGS = OPTIMIZER_SETTINGS + ("grad_clip", "batch_size", "seed", "data") + PATCH_SETTINGS
 _PATHS = ("data", "patches", "entropy_ckpt")
 
 
@@ -60,10 +60,12 @@ def validate_train_args(args: argparse.Namespace) -> None:
 
 
 def trajectory_settings(args: argparse.Namespace) -> dict:
-    """The TRAJECTORY_SETTINGS of ``args`` (paths absolute), as stored in a checkpoint."""
-    settings = {name: getattr(args, name, None) for name in TRAJECTORY_SETTINGS}
+    """The TRAJECTORY_SETTINGS of ``args`` (paths absolute; patch settings for DPAR only), as stored in a
+    checkpoint."""
+    names = TRAJECTORY_SETTINGS if args.kind == "dpar" else TRAJECTORY_SETTINGS[:-len(PATCH_SETTINGS)]
+    settings = {name: getattr(args, name, None) for name in names}
     for name in _PATHS:
-        if settings[name] is not None:
+        if settings.get(name) is not None:
             settings[name] = os.path.abspath(settings[name])
     return settings
 

@@ -138,7 +138,6 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
     torch.manual_seed(args.seed)
     model = build_model(args.kind, config).to(env.device)
     optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, CHECKPOINT), os.path.join(args.out, LOG)
     step, cum_flops, saved_step = 0, 0.0, None
     if args.resume:
@@ -150,6 +149,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         step, cum_flops = info["step"], info["extra"]["cum_flops"]
         saved_step = step
     records = _read_log(log_path, step) if args.resume else []
+    os.makedirs(args.out, exist_ok=True)
     if env.rank == 0:
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -225,7 +225,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if on_step is not None:
             on_step(record, model)
-        if stopping:
+        if stopping and not finished:  # a signal during the last step: the run is complete anyway
             progress.close()
             raise TrainingInterrupted(stop.received or signal.SIGTERM, step, ckpt_path)
     progress.close()
