@@ -72,7 +72,8 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     hidden [N, D], weight [V, D], bias [V] or None, same float dtype and device. Returns float32 [N].
     The CPU paths chunk over N and V with torch.matmul and merge vocabulary chunks with an online recurrence;
-    on GPU a Triton kernel fuses the matmul tile with the entropy update. Forward only.
+    on GPU a Triton kernel fuses the matmul tile with the entropy update. Forward only. Edge values and temperature
+    checks as token_entropy (NaN rows give NaN; temperature finite, > 0, clamped to [1e-20, 1e20]).
     """
     check_float("hidden", hidden, ndim=2)
     check_float("weight", weight, ndim=2)

@@ -132,7 +132,7 @@ def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int
     """Broadcasts each patch row to its tokens: y [P, D], cu_tokens int32 [P+1] -> [total_tokens, D].
 
     total_tokens (optional, an int of any integer kind) saves reading cu_tokens[-1] from the device; it must equal it.
-    Backward is the segment sum.
+    Backward is the segment sum. NaN/inf rows are copied as they are (every backend).
     """
     y = _rows("y", y)
     check_tensor("cu_tokens", cu_tokens)
