@@ -83,10 +83,11 @@ def check_resume(checkpoint: str, extra: dict, args: argparse.Namespace, optimiz
     args.allow_changed: then the new optimizer settings replace the restored ones (load_state_dict brings back the
     checkpoint's lr, betas and weight decay)."""
     differences = changed_settings(checkpoint, extra, trajectory_settings(args))
-    if differences and not args.allow_changed:
+    allow = getattr(args, "allow_changed", False)
+    if differences and not allow:
         raise ValueError("resume with different settings refused (pass --allow-changed to apply them):\n  "
                          + "\n  ".join(differences))
-    if args.allow_changed:
+    if allow:
         for index, group in enumerate(optimizer.param_groups):
             group["lr"], group["betas"] = args.lr, (args.beta1, args.beta2)
             group["weight_decay"] = args.weight_decay if index == 0 else 0.0  # group 1: parameters of rank < 2
