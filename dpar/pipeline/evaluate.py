@@ -5,7 +5,8 @@ features [B, F]); the standard Inception-v3 extractor comes from torch-fidelity 
 (``inception_extractor``), never from a download. On the real path, ``--fid N --ckpt ... --vq-ckpt ...`` writes N
 class-balanced samples decoded by the LlamaGen VQ as PNGs (--fid-out) and compares them with --fid-ref: an image
 folder (torch-fidelity's calculate_metrics) or a statistics .npz with ``mu`` / ``sigma`` (ADM's reference batches);
---fid-extractor (a TorchScript feature extractor) replaces Inception-v3 where torch-fidelity is not installed.
+--fid-extractor module:factory (your own feature extractor) replaces Inception-v3, e.g. where torch-fidelity is
+not installed.
 """
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def inception_extractor(weights_path: str | None = None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as error:
         raise RuntimeError("FID with Inception-v3 needs torch-fidelity: pip install torch-fidelity "
-                           "(or pass a TorchScript feature extractor with --fid-extractor, or your own extractor "
-                           "to dpar.pipeline.evaluate.fid)") from error
+                           "(or pass your own feature extractor with --fid-extractor module:factory, or to "
+                           "dpar.pipeline.evaluate.fid)") from error
     path = inception_weights_path(weights_path)
     network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
     network.eval()
@@ -119,12 +120,18 @@ def inception_extractor(weights_path: str | None = None):
     return extract
 
 
-def load_extractor(path: str, device: str | torch.device = "cpu"):
-    """A TorchScript feature extractor (images float [B, 3, H, W] in [0, 1] -> features [B, F]) saved at ``path``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--fid-extractor {path!r} not found (a torch.jit.save'd module: images float "
-                                "[B, 3, H, W] in [0, 1] -> features [B, F])")
-    network = torch.jit.load(path, map_location=device).eval()
+def load_extractor(spec: str, device: str | torch.device = "cpu"):
+    """The feature extractor named ``spec`` = "module:factory": ``factory(device)`` returns a callable mapping
+    images float [B, 3, H, W] in [0, 1] (on ``device``) -> features [B, F]; the module must be importable."""
+    import importlib
+
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise ValueError(f"--fid-extractor {spec!r} must be 'module:factory' (factory(device) -> extractor)")
+    factory = getattr(importlib.import_module(module_name), factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"--fid-extractor {spec!r}: module {module_name} has no callable {factory_name}")
+    network = factory(torch.device(device))
     return lambda images: network(images.to(device)).cpu()
 
 
@@ -170,31 +177,34 @@ def _reference_statistics(reference: str, extractor, size: int, batch_size: int)
         return torch.from_numpy(stats["mu"]), torch.from_numpy(stats["sigma"])
 
 
-def fid_against_reference(generated: str, reference: str, extractor_path: str | None = None,
+def _import_torch_fidelity():
+    try:
+        import torch_fidelity
+    except ImportError:
+        return None
+    return torch_fidelity
+
+
+def fid_against_reference(generated: str, reference: str, extractor_spec: str | None = None,
                           inception_weights: str | None = None, device: str = "cpu", batch_size: int = 64) -> float:
     """FID of the image folder ``generated`` against ``reference`` (image folder or .npz with mu / sigma).
 
-    With ``extractor_path`` (TorchScript) the features are its own; else Inception-v3 from torch-fidelity
-    (calculate_metrics for two folders), RuntimeError saying what to install or pass when it is missing.
+    A reference folder goes to torch-fidelity's calculate_metrics as it is (its images must share one size, e.g.
+    256 x 256 centre crops); with the project's own Frechet distance its images are centre-cropped to the samples'
+    size. With ``extractor_spec`` ("module:factory", see load_extractor) the features are its own; else Inception-v3 of
+    torch-fidelity; RuntimeError saying what to install or pass when it is missing.
     """
     from PIL import Image
 
     with Image.open(_image_files(generated)[0]) as first:
         size = first.size[0]
-    if extractor_path:
-        extractor = load_extractor(extractor_path, device)
-    else:
-        if os.path.isdir(reference):
-            try:
-                import torch_fidelity
-            except ImportError:
-                torch_fidelity = None
-            if torch_fidelity is not None:
-                return float(torch_fidelity.calculate_metrics(
-                    input1=generated, input2=reference, fid=True, verbose=False, cuda=str(device).startswith("cuda"),
-                    feature_extractor_weights_path=inception_weights_path(inception_weights),
-                    batch_size=batch_size)["frechet_inception_distance"])
-        extractor = inception_extractor(inception_weights)
+    torch_fidelity = None if extractor_spec or not os.path.isdir(reference) else _import_torch_fidelity()
+    if torch_fidelity is not None:
+        return float(torch_fidelity.calculate_metrics(
+            input1=generated, input2=reference, fid=True, verbose=False, cuda=str(device).startswith("cuda"),
+            feature_extractor_weights_path=inception_weights_path(inception_weights),
+            batch_size=batch_size)["frechet_inception_distance"])
+    extractor = load_extractor(extractor_spec, device) if extractor_spec else inception_extractor(inception_weights)
     return frechet_distance(*folder_statistics(generated, extractor, size, batch_size),
                             *_reference_statistics(reference, extractor, size, batch_size))
 
@@ -307,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vq-ckpt", help="LlamaGen VQ checkpoint (vq_ds16_c2i.pt) decoding the --fid samples")
     parser.add_argument("--fid-ref", help="reference image folder or statistics .npz (mu, sigma)")
     parser.add_argument("--fid-out", help="folder for the --fid sample PNGs (resumable)")
-    parser.add_argument("--fid-extractor", help="TorchScript feature extractor replacing Inception-v3")
+    parser.add_argument("--fid-extractor", metavar="MODULE:FACTORY",
+                        help="your feature extractor instead of Inception-v3: FACTORY(device) -> images -> features")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="--fid sampling: classifier-free guidance")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int)
