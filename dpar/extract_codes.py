@@ -1,4 +1,4 @@
-"""`python -m dpar.extract_codes`: alias of `python -m dpar extract-codes` (the code is in dpar.pipeline.extract_codes)."""
+"""`python -m dpar.extract_codes`: alias of `python -m dpar extract-codes` (code: dpar.pipeline.extract_codes)."""
 import sys
 
 if __name__ == "__main__":
