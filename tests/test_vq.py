@@ -101,6 +101,17 @@ def test_decode_shapes_chunking_and_out_of_range_codes():
     assert model.decode(codes[:0]).shape == (0, 3, 32, 48) and model.encode(images[:0]).shape == (0, 2, 3)
 
 
+def test_reduced_precision_autocast_stays_close_to_float32():
+    model = _tiny(3)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    exact, low = model.encode(images), model.encode(images, dtype=torch.bfloat16)
+    assert low.dtype == torch.int64 and (low == exact).float().mean() >= 0.75  # near-ties may flip
+    decoded, reference = model.decode(exact, dtype=torch.bfloat16), model.decode(exact)
+    assert decoded.dtype == torch.float32
+    error, scale = (decoded - reference).abs(), reference.abs().max()
+    assert error.mean() < 1e-2 * scale and error.max() < 0.1 * scale  # bf16 through ~40 layers
+
+
 def test_bad_inputs_are_value_errors():
     model = _tiny()
     with pytest.raises(ValueError, match="multiples of 16"):

@@ -3,7 +3,7 @@ codebook), with state-dict keys and shapes of LlamaGen's released ``vq_ds16_c2i.
 
 ``VQTokenizer.encode``: images float [B, 3, H, W] in [-1, 1] -> codes int64 [B, H/16, W/16] (raster order, as the
 token datasets store them); ``decode``: codes -> images float32 [B, 3, H, W] (about [-1, 1]). Both run in chunks of
-the batch under bf16 (or fp16) autocast on a GPU; the nearest-code search is always float32.
+the batch under bf16 (or a given ``dtype``) autocast on a GPU; the nearest-code search is always float32.
 """
 from __future__ import annotations
 
@@ -220,8 +220,10 @@ class VQTokenizer(nn.Module):
         return self.config.codebook_size
 
     def _autocast(self, dtype: torch.dtype | None):
+        """bf16 autocast on a GPU (or ``dtype``); float32 on the CPU unless ``dtype`` is given."""
         device = self.quant_conv.weight.device
-        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=device.type == "cuda")
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                              enabled=device.type == "cuda" or dtype is not None)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, chunk_size: int = 32, dtype: torch.dtype | None = None) -> torch.Tensor:

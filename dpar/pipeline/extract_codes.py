@@ -167,7 +167,7 @@ def extract_codes(args: argparse.Namespace) -> int:
     with tqdm(total=len(todo), desc=f"extract-codes rank {rank}/{world_size}", position=rank,
               disable=args.quiet) as progress:
         for indices, batch, labels in loader:
-            codes = tokenizer.encode(batch.flatten(0, 1), chunk_size=args.batch_size * views)
+            codes = tokenizer.encode(batch.flatten(0, 1))
             codes = codes.reshape(len(indices), 1, views, grid * grid).cpu().numpy().astype(code_dtype)
             for index, image_codes, label in zip(indices.tolist(), codes, labels.tolist()):
                 codes_path, label_path = _paths(args.out, index)
