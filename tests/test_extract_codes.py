@@ -139,6 +139,11 @@ def test_extract_codes_errors(real_path, tmp_path):
         extract_codes.extract_codes(_extract_args(tmp_path / "empty", vq, tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match="huggingface.co/FoundationVision/LlamaGen"):
         extract_codes.extract_codes(_extract_args(images, tmp_path / "missing.pt", tmp_path / "c"))
+    broken = tmp_path / "broken" / "class"
+    broken.mkdir(parents=True)
+    (broken / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match="cannot read image .*truncated.jpg"):
+        extract_codes.extract_codes(_extract_args(tmp_path / "broken", vq, tmp_path / "d", "--workers", "0"))
 
 
 EXTRACTOR_MODULE = '''
@@ -202,6 +207,8 @@ def test_extract_train_sample_and_fid_on_the_real_path(real_path, tmp_path, monk
     np.savez(tmp_path / "bad.npz", mean=mu.numpy())
     with pytest.raises(ValueError, match="needs 'mu' and 'sigma'"):
         evaluate.evaluate(parser.parse_args([*argv, "--fid-ref", str(tmp_path / "bad.npz")]))
+    with pytest.raises(ValueError, match="N >= 2"):
+        evaluate.evaluate(parser.parse_args([*argv, "--fid", "1", "--fid-ref", str(images / "cat")]))
     with pytest.raises(ValueError, match="module:factory"):
         evaluate.load_extractor("my_features")
     with pytest.raises(ValueError, match="no callable"):

@@ -260,7 +260,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         from .patchify import PatchTable
         table = PatchTable.load(args.patches)
         results.update(patch_statistics(table.patch_lengths, table.cu_patches, table.entropies.shape[1]))
-    if args.ckpt and (args.data or not args.fid):
+    if args.ckpt and (args.data or args.fid is None):
         if not args.data:
             raise ValueError("held-out NLL needs --data")
         dataset = TokenGridDataset(args.data)
@@ -280,7 +280,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.fid_real and args.fid_fake:
         extractor = inception_extractor(args.inception_weights)
         results["fid"] = fid(_load_images(args.fid_real), _load_images(args.fid_fake), extractor)
-    if args.fid:
+    if args.fid is not None:
+        if args.fid < 2:
+            raise ValueError(f"--fid needs N >= 2 samples, got {args.fid}")
         if not args.fid_ref:
             raise ValueError("--fid N needs --fid-ref (an image folder or a statistics .npz)")
         generated = write_fid_samples(args)

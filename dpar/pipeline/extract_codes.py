@@ -84,8 +84,11 @@ class ImageViewDataset(Dataset):
     def __getitem__(self, item: int):
         index = self.indices[item]
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            views = image_views(image.convert("RGB"), self.size, self.ten_crop, self.flip)
+        try:
+            with Image.open(path) as image:
+                views = image_views(image.convert("RGB"), self.size, self.ten_crop, self.flip)
+        except OSError as error:  # PIL's UnidentifiedImageError and truncated files
+            raise ValueError(f"cannot read image {path}: {error}") from error
         return index, views, label
 
 
