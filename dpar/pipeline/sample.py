@@ -1,8 +1,10 @@
 """`dpar sample`: class-conditional image grids (PNG) from a trained DPAR or baseline, plus entropy / patch maps.
 
 Sampling knobs: --cfg-scale, --temperature, --top-k, --top-p; DPAR may raise --threshold / --max-patch-size above
-their training values (bigger patches, fewer global steps). The patch map shows, per image, the decoded image,
-the entropy H_{i-1} that decided whether token i starts a patch, and the patches (each a coloured box).
+their training values (bigger patches, fewer global steps). Tokens decode to pixels with the palette tokenizer
+(--tokenizer) or, on the real image path, LlamaGen's VQ-16 decoder (--vq-ckpt vq_ds16_c2i.pt). The patch map shows,
+per image, the decoded image, the entropy H_{i-1} that decided whether token i starts a patch, and the patches (each
+a coloured box).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def sample_tokens(model, kind: str, labels: torch.Tensor, *, entropy_model=None,
 def image_decoder(tokenizer_path: str | None, vq_ckpt: str | None, vocab_size: int, image_size: int | None = None,
                   device: str | torch.device = "cpu"):
     """codes int64 [B, H, W] -> images float32 [B, 3, S, S] in [0, 1] on the CPU, with the palette tokenizer at
-    ``tokenizer_path`` (S = image_size or 64) or the LlamaGen VQ at ``vq_ckpt`` (S = image_size or 16 H)."""
+    ``tokenizer_path`` (S = image_size or 64) or the LlamaGen VQ at ``vq_ckpt`` (S x S = image_size, else the VQ's
+    own 16 H x 16 W)."""
     if vq_ckpt:
         from dpar.model.vq import VQTokenizer
 
