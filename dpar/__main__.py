@@ -7,6 +7,7 @@ COMMANDS = {
     "patchify": ("patchify", "precompute entropies and patches of a dataset with a trained entropy model"),
     "sample": ("sample", "sample class-conditional image grids and entropy / patch maps to PNG"),
     "evaluate": ("evaluate", "reduction, held-out NLL, FLOPs to a target loss, FID"),
+    "extract-codes": ("extract_codes", "encode an ImageFolder tree into a token dataset with a LlamaGen VQ-16"),
     "demo": ("demo", "the whole pipeline on photos shipped with scikit-image, with a markdown report"),
 }
 

@@ -1,8 +1,10 @@
 """`dpar sample`: class-conditional image grids (PNG) from a trained DPAR or baseline, plus entropy / patch maps.
 
 Sampling knobs: --cfg-scale, --temperature, --top-k, --top-p; DPAR may raise --threshold / --max-patch-size above
-their training values (bigger patches, fewer global steps). The patch map shows, per image, the decoded image,
-the entropy H_{i-1} that decided whether token i starts a patch, and the patches (each a coloured box).
+their training values (bigger patches, fewer global steps). Tokens decode to pixels with the palette tokenizer
+(--tokenizer) or, on the real image path, LlamaGen's VQ-16 decoder (--vq-ckpt vq_ds16_c2i.pt). The patch map shows,
+per image, the decoded image, the entropy H_{i-1} that decided whether token i starts a patch, and the patches (each
+a coloured box).
 """
 from __future__ import annotations
 
@@ -33,11 +35,37 @@ def sample_tokens(model, kind: str, labels: torch.Tensor, *, entropy_model=None,
     return tokens, patches.patch_lengths, patches.cu_patches
 
 
+def image_decoder(tokenizer_path: str | None, vq_ckpt: str | None, vocab_size: int, image_size: int | None = None,
+                  device: str | torch.device = "cpu"):
+    """codes int64 [B, H, W] -> images float32 [B, 3, S, S] in [0, 1] on the CPU, with the palette tokenizer at
+    ``tokenizer_path`` (S = image_size or 64) or the LlamaGen VQ at ``vq_ckpt`` (S x S = image_size, else the VQ's
+    own 16 H x 16 W)."""
+    if vq_ckpt:
+        from dpar.model.vq import VQTokenizer
+
+        vq = VQTokenizer.load(vq_ckpt, device)
+        if vocab_size > vq.vocab_size:
+            raise ValueError(f"the model's vocabulary ({vocab_size}) exceeds the VQ codebook ({vq.vocab_size})")
+
+        def decode_vq(codes: torch.Tensor) -> torch.Tensor:
+            images = vq.decode(codes).add_(1).div_(2).clamp_(0, 1)
+            if image_size and image_size != images.shape[-1]:
+                images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bicubic",
+                                                         antialias=True).clamp_(0, 1)
+            return images.cpu()
+        return decode_vq
+    from .tokenizer import PaletteTokenizer
+
+    palette = PaletteTokenizer.load(tokenizer_path)
+    return lambda codes: palette.decode(codes.cpu(), image_size or 64)
+
+
 def save_image_grid(images: torch.Tensor, path: str, columns: int, titles: list[str] | None = None) -> None:
     """images float [N, 3, H, W] in [0, 1] -> one PNG, ``columns`` per row, optional per-row titles."""
     plt = _pyplot()
     rows = -(-images.shape[0] // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False)
+    cell = max(1.6, images.shape[-1] / 100)  # inches at dpi 100: large images keep their resolution
+    figure, axes = plt.subplots(rows, columns, figsize=(cell * columns, cell * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index < images.shape[0]:
@@ -84,7 +112,9 @@ def save_patch_map(images: torch.Tensor, entropies: torch.Tensor, patch_lengths:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="DPAR or baseline checkpoint")
     parser.add_argument("--kind", choices=("dpar", "baseline"), default="dpar")
-    parser.add_argument("--tokenizer", required=True, help="palette tokenizer .safetensors (decodes to pixels)")
+    decoder = parser.add_mutually_exclusive_group(required=True)
+    decoder.add_argument("--tokenizer", help="palette tokenizer .safetensors (decodes to pixels)")
+    decoder.add_argument("--vq-ckpt", help="LlamaGen VQ checkpoint (vq_ds16_c2i.pt): decodes the real image path")
     parser.add_argument("--entropy-ckpt", help="entropy model checkpoint (dpar; and for --patch-map)")
     parser.add_argument("--threshold", type=float, help="dpar: entropy threshold (may exceed the training one)")
     parser.add_argument("--max-patch-size", type=int, default=4)
@@ -95,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64, help="upsampled size of each decoded image")
+    parser.add_argument("--image-size", type=int, help="size of each decoded image (default: 64 for the palette "
+                        "tokenizer, the VQ's own 16 x grid)")
     parser.add_argument("--out", required=True, help="output PNG of the sample grid")
     parser.add_argument("--patch-map", help="also write an entropy / patch map PNG of the first row")
     parser.add_argument("--save-tensor", help="also save the images float [N, 3, S, S] (for `dpar evaluate` FID)")
@@ -106,10 +137,9 @@ def main(args: argparse.Namespace) -> None:
     import dpar_kernels as dk
 
     from .builders import load_model
-    from .tokenizer import PaletteTokenizer
 
     model, info = load_model(args.ckpt, args.kind, args.device)
-    tokenizer = PaletteTokenizer.load(args.tokenizer)
+    decode = image_decoder(args.tokenizer, args.vq_ckpt, info["config"]["vocab_size"], args.image_size, args.device)
     entropy_model = load_model(args.entropy_ckpt, "entropy", args.device)[0] if args.entropy_ckpt else None
     classes = args.classes if args.classes else list(range(info["config"]["num_classes"]))
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
@@ -118,7 +148,7 @@ def main(args: argparse.Namespace) -> None:
                                  cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed)
     grid = (info["config"]["grid_height"], info["config"]["grid_width"])
-    images = tokenizer.decode(tokens.reshape(-1, *grid).cpu(), args.image_size)
+    images = decode(tokens.reshape(-1, *grid))
     save_image_grid(images, args.out, args.per_class, [f"class {c}" for c in classes])
     if args.save_tensor:
         torch.save(images, args.save_tensor)
