@@ -6,13 +6,11 @@ prologue that reaches alignment, the per-thread online state and the warp/block 
 """
 import ctypes
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 from helpers import assert_close
-from test_cuda_attention_host import _cuda_include_dir
+from test_cuda_attention_host import build_emulation
 
 from dpar_kernels.entropy import naive
 
@@ -24,18 +22,8 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """The emulated kernel as a ctypes library (skips without a C++20 host compiler or the CUDA headers)."""
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    include = _cuda_include_dir()
-    if cxx is None or include is None:
-        pytest.skip("needs a host C++ compiler and the CUDA headers")
-    library = tmp_path_factory.mktemp("emulation") / "entropy_emulation.so"
-    build = subprocess.run([cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
-                            "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", f"-I{os.path.join(ROOT, 'csrc')}",
-                            "-isystem", include, EMULATION, "-o", str(library)],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr
-    return ctypes.CDLL(str(library))
+    """The emulated kernel as a ctypes library (C++20 for std::barrier; the kernel's vector loads pun types)."""
+    return build_emulation(tmp_path_factory, EMULATION, ("-std=c++20", "-fno-strict-aliasing", "-pthread"))
 
 
 def emulated_entropy(lib, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
