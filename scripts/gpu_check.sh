@@ -9,7 +9,8 @@
 # Exits 1 if any step failed or timed out.
 # --dry-run: the same steps on CPU (Triton interpreter, tiny shapes, a subset of the GPU tests); the build and
 # the sanitizer are skipped with a note. tests/test_gpu_check_script.py runs it so the script cannot rot.
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: python); DPAR_COMMIT names the commit where the tree has no .git.
+# Time limits (s; they sum to 480) can be changed with GPU_CHECK_<STEP>_S, e.g. GPU_CHECK_BUILD_S=300.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]}
@@ -57,26 +58,27 @@ or only_empty or n5) or test_training_step_gpu and triton-entropy"
     --skip "varlen_attention bad" --skip "patch_scatter bad"
   step benchmarks 120 benchmarks.log "$PY" -m benchmarks.gpu_bench --out "$OUT" --dry-run
 else
-  step environment 60 environment.log bash -c "nvidia-smi; $PY -c \"import torch, triton; print('torch', \
-torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(), \
-'capability', torch.cuda.get_device_capability())\"; git log -1 --format='commit %H'"
+  step environment "${GPU_CHECK_ENVIRONMENT_S:-20}" environment.log bash -c "nvidia-smi || true; $PY -c \"import \
+torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
+torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())\"; git log -1 --format='commit %H' \
+2>/dev/null || echo 'commit ${DPAR_COMMIT:-unknown (no .git; set DPAR_COMMIT)}'"
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   # the toolkit may lack headers that torch's CUDA headers include: add the pip wheels' copies
   EXTRA_INCLUDE=$(ls -d "$SITE"/nvidia/*/include 2>/dev/null | paste -sd: -)
-  step build 200 build.log env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
+  step build "${GPU_CHECK_BUILD_S:-170}" build.log env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
     CPATH="$EXTRA_INCLUDE${CPATH:+:$CPATH}" "$PY" setup.py build_ext --inplace
-  step cuda-ops-built 60 cuda_ops.log "$PY" -c "import dpar_kernels._extension as e; \
+  step cuda-ops-built "${GPU_CHECK_OPS_S:-20}" cuda_ops.log "$PY" -c "import dpar_kernels._extension as e; \
 assert e.HAS_CUDA_OPS, 'dpar_kernels._C has no CUDA ops: the build failed, see build.log'; print('CUDA ops built')"
-  step pytest-gpu 150 pytest.log "$PY" -m pytest -m gpu -v -p no:cacheprovider -rfEs --durations=15
+  step pytest-gpu "${GPU_CHECK_PYTEST_S:-150}" pytest.log "$PY" -m pytest -m gpu -v -p no:cacheprovider -rfEs --durations=15
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -n "$SANITIZER" ]; then
-    step compute-sanitizer 60 sanitizer.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    step compute-sanitizer "${GPU_CHECK_SANITIZER_S:-50}" sanitizer.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
       "$PY" scripts/gpu_sanitize.py --backend cuda
   else
     step compute-sanitizer 5 sanitizer.log bash -c "echo compute-sanitizer not found; exit 1"
   fi
-  step benchmarks 90 benchmarks.log "$PY" -m benchmarks.gpu_bench --out "$OUT"
+  step benchmarks "${GPU_CHECK_BENCHMARKS_S:-70}" benchmarks.log "$PY" -m benchmarks.gpu_bench --out "$OUT"
 fi
 
 "$PY" - "$OUT" "$DRY" <<'PY'
