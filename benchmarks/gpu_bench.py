@@ -195,7 +195,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
                 best = max((r[metric] for r in rows if r["case"] == row["case"] and not r["impl"].startswith("dk-")
                             and r.get(metric)), default=None)
                 if row.get(metric) and best:
-                    row[f"{metric} / best baseline"] = round(row[metric] / best, 2)
+                    row[f"{metric} / best baseline"] = _significant(row[metric] / best)
         result.append(row)
     return result
 
