@@ -1,7 +1,7 @@
 """Backend selection shared by every op.
 
 ``backend=None`` picks the best available implementation for the tensor's device: "cuda" then "triton" then
-"torch" on CUDA tensors, "cpu" then "torch" on CPU tensors. DPAR_BACKEND sets the default; a forced backend
+"torch" on CUDA tensors ("triton" first for varlen_attention), "cpu" then "torch" on CPU tensors. DPAR_BACKEND sets the default; a forced backend
 (argument or environment) that cannot run raises BackendUnavailableError naming why.
 """
 import importlib.util
@@ -14,6 +14,9 @@ from . import _extension
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 FLOAT64_BACKENDS = ("torch", "cpu")  # the CUDA and Triton kernels take fp32/fp16/bf16 only
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# Per-op exceptions, keyed by (op, device type). varlen_attention on CUDA tensors prefers Triton until measured:
+# its kernels use tensor-core async copies and 16-byte loads, the CUDA kernel scalar loads through shared memory.
+_OP_PREFERENCE = {("varlen_attention", "cuda"): ("triton", "cuda", "torch")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -63,7 +66,7 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, suppor
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
         return forced
-    for candidate in _PREFERENCE.get(device.type, ("torch",)):
+    for candidate in _OP_PREFERENCE.get((op, device.type)) or _PREFERENCE.get(device.type, ("torch",)):
         if candidate in supported and _why_unavailable(candidate, device) is None:
             return candidate
     return "torch"

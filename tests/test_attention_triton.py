@@ -221,10 +221,13 @@ def _has_nvidia_compiler() -> bool:
 
 
 @pytest.mark.skipif(not _has_nvidia_compiler(), reason="triton's NVIDIA backend (ptxas) is not installed")
-def test_kernels_compile_for_h100_without_register_spills():
-    """What the interpreter cannot see: GPU compile errors, bf16 lowering and register spills of the tile table."""
+@pytest.mark.parametrize("flags", [["--arch", "90"], ["--arch", "86", "--shared-memory-only"]],
+                         ids=["sm90-no-spills", "sm86-fits-99KB"])
+def test_kernels_compile_for_gpu_archs(flags):
+    """What the interpreter cannot see: GPU compile errors, bf16 lowering, register spills of the tile table on an
+    H100 (as specialised at launch) and its shared memory on the 99 KB archs (sm_86/sm_89)."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "triton_attention_ptxas.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run([sys.executable, str(script), "--quick", *flags], capture_output=True, text=True,
+                            env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -72,19 +72,25 @@ def _cuda_include_dir():
     return None
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """The emulated kernels as a ctypes library (skips without a host compiler or the CUDA headers)."""
+def build_emulation(tmp_path_factory, source: str, flags=("-std=c++17",)) -> ctypes.CDLL:
+    """Builds a host emulation source (tests/cuda_host) as a ctypes library (skips without a host compiler or the
+    CUDA headers)."""
     cxx = shutil.which("g++") or shutil.which("clang++")
     include = _cuda_include_dir()
     if cxx is None or include is None:
         pytest.skip("needs a host C++ compiler and the CUDA headers")
-    library = tmp_path_factory.mktemp("emulation") / "attention_emulation.so"
-    build = subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-attributes",
-                            "-Wno-unknown-pragmas", f"-I{os.path.join(ROOT, 'csrc')}", "-isystem", include, EMULATION,
+    library = tmp_path_factory.mktemp("emulation") / (os.path.splitext(os.path.basename(source))[0] + ".so")
+    build = subprocess.run([cxx, *flags, "-O2", "-shared", "-fPIC", "-Wall", "-Wno-attributes",
+                            "-Wno-unknown-pragmas", f"-I{os.path.join(ROOT, 'csrc')}", "-isystem", include, source,
                             "-o", str(library)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The emulated kernels as a ctypes library."""
+    return build_emulation(tmp_path_factory, EMULATION)
 
 
 def _ptr(t):

@@ -18,10 +18,11 @@ struct State {
   float m, s, w;
 };
 
-// Merges two states; empty ones (m = -inf, s = 0) contribute nothing, a NaN s propagates.
+// Merges two states; empty ones (m = -inf, s = 0) contribute nothing, a NaN s propagates (also from a state that
+// has seen only NaN and -inf, whose m is still -inf).
 __device__ __forceinline__ State merge(State a, State b, float inv_t) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return a;
+  if (m == -INFINITY) return State{m, a.s + b.s, a.w + b.w};
   State r{m, 0.f, 0.f};
   if (a.s != 0.f) {
     const float d = (a.m - m) * inv_t, scale = __expf(d);
@@ -36,12 +37,17 @@ __device__ __forceinline__ State merge(State a, State b, float inv_t) {
   return r;
 }
 
-// Adds K values to a thread's state: one rescale only when the maximum grows.
+// Adds K values to a thread's state: one rescale only when the maximum grows. fmaxf ignores NaN, so a NaN among
+// values that raise no maximum (all NaN or -inf) is recorded as s = NaN; later values keep it NaN.
 template <int K>
 __device__ __forceinline__ void accumulate(State& st, const float (&x)[K], float inv_t) {
   float block_max = x[0];
+  bool nan = x[0] != x[0];
 #pragma unroll
-  for (int i = 1; i < K; ++i) block_max = fmaxf(block_max, x[i]);
+  for (int i = 1; i < K; ++i) {
+    block_max = fmaxf(block_max, x[i]);
+    nan |= x[i] != x[i];
+  }
   if (block_max > st.m) {
     if (st.s != 0.f) {
       const float d = (st.m - block_max) * inv_t, scale = __expf(d);
@@ -50,7 +56,10 @@ __device__ __forceinline__ void accumulate(State& st, const float (&x)[K], float
     }
     st.m = block_max;
   }
-  if (st.m == -INFINITY) return;  // only -inf so far
+  if (st.m == -INFINITY) {  // only -inf (and NaN) so far
+    if (nan) st.s = NAN;
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const float t = (x[i] - st.m) * inv_t, e = __expf(t);
@@ -126,6 +135,7 @@ __global__ void __launch_bounds__(kThreads) token_entropy_kernel(const T* __rest
   if (tid == 0 && row < rows) out[row] = st.s == 0.f ? NAN : __logf(st.s) - st.w / st.s;
 }
 
+#if !defined(DPAR_ENTROPY_HOST_EMULATION)  // tests/cuda_host/entropy_emulation.cpp launches the kernel itself
 template <typename T, int WARPS_PER_ROW>
 cudaError_t launch(const T* logits, float* out, int64_t rows, int64_t vocab, int64_t row_stride, float inv_t,
                    cudaStream_t stream) {
@@ -136,9 +146,11 @@ cudaError_t launch(const T* logits, float* out, int64_t rows, int64_t vocab, int
       <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(logits, out, rows, vocab, row_stride, inv_t);
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace
 
+#if !defined(DPAR_ENTROPY_HOST_EMULATION)
 cudaError_t launch_token_entropy(const void* logits, float* out, int64_t rows, int64_t vocab, int64_t row_stride,
                                  float inv_temperature, DType dtype, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
@@ -150,5 +162,6 @@ cudaError_t launch_token_entropy(const void* logits, float* out, int64_t rows, i
                                   : launch<T, kWarps>(x, out, rows, vocab, row_stride, inv_temperature, stream);
   });
 }
+#endif
 
 }  // namespace dpar

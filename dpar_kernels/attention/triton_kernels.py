@@ -332,7 +332,7 @@ _GPU_TILES = {
     "forward": {(False, False): _Tiles(128, 64, 8, 3), (False, True): _Tiles(128, 32, 8, 3),
                 (True, False): _Tiles(32, 32, 4, 2), (True, True): _Tiles(32, 16, 8, 2)},
     "dkdv": {(False, False): _Tiles(32, 128, 8, 3), (False, True): _Tiles(32, 64, 8, 3),
-             (True, False): _Tiles(16, 64, 8, 2), (True, True): _Tiles(16, 32, 8, 1)},
+             (True, False): _Tiles(32, 32, 8, 2), (True, True): _Tiles(16, 32, 8, 1)},
     "dq": {(False, False): _Tiles(128, 32, 8, 3), (False, True): _Tiles(64, 32, 8, 3),
            (True, False): _Tiles(64, 16, 8, 2), (True, True): _Tiles(32, 16, 8, 2)},
 }

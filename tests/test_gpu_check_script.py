@@ -1,0 +1,34 @@
+"""scripts/gpu_check.sh --dry-run: the GPU check's steps on CPU (Triton interpreter, tiny shapes), so the script
+that a lent GPU runs in one call cannot rot. Nothing here is verified on a GPU."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_dry_run_writes_the_summary(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path), "--dry-run"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert summary["dry_run"] and summary["ok"]
+    assert status["build"].startswith("skipped") and status["compute-sanitizer"].startswith("skipped")
+    assert status["pytest-gpu"] == status["sanitizer-driver"] == status["benchmarks"] == "ok"
+    pytest_log = (tmp_path / "pytest.log").read_text()
+    assert " passed" in pytest_log and "failed" not in pytest_log
+    assert "calls done" in (tmp_path / "sanitizer.log").read_text()
+    rows = summary["benchmarks"]["rows"]
+    assert {r["group"] for r in rows} == {"attention", "memory"}
+    assert any(r["impl"] == "dk-triton" and "fwd+bwd TFLOP/s" in r for r in rows)
+    assert any(r["impl"] == "device-copy" and "GB/s" in r for r in rows)
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| pytest-gpu | ok |" in table and "dry run on CPU" in table
