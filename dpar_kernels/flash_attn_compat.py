@@ -6,6 +6,8 @@ argument order, defaults (``causal=False``) and return layouts are flash-attn's.
 have (dropout, sliding windows, softcap, ALiBi, paged KV, returning attention probabilities) raise
 NotImplementedError naming the argument instead of being ignored.
 """
+import operator
+
 import torch
 
 import dpar_kernels as dk
@@ -91,9 +93,10 @@ def _cache_seqlens_tensor(cache_seqlens, k_cache: torch.Tensor, k) -> torch.Tens
         cache_seqlens = k_cache.shape[1]
     if isinstance(cache_seqlens, torch.Tensor):
         return cache_seqlens
-    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
+    if isinstance(cache_seqlens, bool) or not hasattr(type(cache_seqlens), "__index__"):  # int, numpy integer
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
-    return torch.full((k_cache.shape[0],), cache_seqlens, dtype=torch.int32, device=k_cache.device)
+    length = operator.index(cache_seqlens)
+    return torch.full((k_cache.shape[0],), length, dtype=torch.int32, device=k_cache.device)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

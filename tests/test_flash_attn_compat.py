@@ -5,6 +5,7 @@ its end-to-end test comes with it): the fake records what the wrapper hands on.
 """
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +191,8 @@ def test_kvcache_passes_arguments_and_int_seqlens(fake_kvcache):
     assert fake_kvcache.calls[-1]["k"] is None
     fac.flash_attn_with_kvcache(q, k_cache, v_cache)  # no cache_seqlens, no new keys: the whole cache
     assert fake_kvcache.calls[-1]["cache_seqlens"].tolist() == [16, 16]
+    fac.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=np.int64(3))
+    assert fake_kvcache.calls[-1]["cache_seqlens"].tolist() == [3, 3]
 
 
 def _complex_rotary(x, cos, sin, positions, rotary_dim, interleaved):
