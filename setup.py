@@ -13,6 +13,7 @@ import os
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = "_C.build.json"  # the torch _C was built against; read by dpar_kernels/_extension.py
 NO_EXTENSION_HINT = "set DPAR_NO_EXTENSION=1 to install without dpar_kernels._C (pure-Python ops)"
 
 
@@ -67,9 +68,14 @@ def _extensions():
         def build_extension(self, extension):
             super().build_extension(extension)
             info = {"torch": torch.__version__, "cuda": torch.version.cuda if with_cuda else None}
-            ext_dir = os.path.dirname(self.get_ext_fullpath(extension.name))
-            with open(os.path.join(ext_dir, "_C.build.json"), "w") as f:
+            self.build_info = os.path.join(os.path.dirname(self.get_ext_fullpath(extension.name)), BUILD_INFO)
+            with open(self.build_info, "w") as f:
                 json.dump(info, f)
+
+        def run(self):
+            super().run()  # --inplace and editable installs build in build/, then copy _C to the source tree
+            if self.inplace and getattr(self, "build_info", None):
+                self.copy_file(self.build_info, os.path.join(ROOT, "dpar_kernels", BUILD_INFO))
 
     return [ext], {"build_ext": BuildExtWithInfo.with_options(use_ninja=True)}
 

@@ -19,7 +19,7 @@ _LOAD_AT_START = os.getloadavg()
 def pytest_configure(config):
     if not _extension.HAS_CPU_OPS and os.environ.get("DPAR_ALLOW_NO_EXTENSION") != "1":
         raise pytest.UsageError(
-            "dpar_kernels._C is not importable, so every dpar kernel benchmark would be skipped. Build it "
+            "dpar_kernels._C is not loaded (see the warning above), so every dpar kernel benchmark would be skipped. Build it "
             "(`pip install --no-build-isolation -e .`, README Install) or set DPAR_ALLOW_NO_EXTENSION=1 to "
             "benchmark the baselines and Triton only.")
 
@@ -71,6 +71,8 @@ def ratios() -> RatioTable:
 def pytest_terminal_summary(terminalreporter):
     lines = _TABLE.lines()
     if lines:
-        terminalreporter.section(f"dpar benchmark ratios ({'quick' if QUICK else 'full'} mode)")
+        load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+        terminalreporter.section(f"dpar benchmark ratios ({'quick' if QUICK else 'full'} mode, load average {load} "
+                                 f"on {os.cpu_count()} cores)")
         for line in lines:
             terminalreporter.write_line(line)
