@@ -68,19 +68,44 @@ def group_rows(benchmarks: list[dict]) -> dict[str, list[dict]]:
     return dict(groups)
 
 
-def markdown(groups: dict, versions: dict, commit: str, command: str) -> str:
+def _fill_group_flops(rows: list[dict]) -> None:
+    """Rows without ``flops`` take their group's workload FLOPs (every row of a group runs the same workload)."""
+    known = [r["info"]["flops"] for r in rows if r["info"].get("flops")]
+    for r in rows:
+        if known and not r["info"].get("flops"):
+            r["info"]["flops"] = known[0]
+
+
+def _load(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "unknown"
+
+
+def run_conditions(dpar_info: dict, quick: bool | None) -> list[str]:
+    """Mode and machine-load lines; dpar_info is the JSON's "dpar" entry (benchmarks/conftest.py)."""
+    mode = dpar_info.get("mode") or ("quick" if quick else "full" if quick is not None else "unknown")
+    sizes = "small sizes, few rounds (DPAR_BENCH_QUICK=1)" if mode == "quick" else "full sizes"
+    return [f"- mode: **{mode}** ({sizes})",
+            f"- machine load (1/5/15-min load average, {dpar_info.get('cpu_count', os.cpu_count())} cores): "
+            f"{_load(dpar_info.get('loadavg_start'))} at the start, {_load(dpar_info.get('loadavg_end'))} at the "
+            "end; a load above the core count means other work shared the CPUs and times are inflated"]
+
+
+def markdown(groups: dict, versions: dict, commit: str, command: str, conditions: list[str]) -> str:
     lines = ["# Benchmark report", "",
              f"- commit: `{commit}`", f"- machine: {versions['device']}, {versions['platform']}",
              f"- python {versions['python']}, torch {versions['torch']}, triton {versions['triton']}",
+             *conditions,
              f"- command: `{command}`", "",
-             "Speed-up = fastest baseline's mean time in the group / this row's mean time (same run).", ""]
+             "Speed-up = fastest baseline's mean time in the group / this row's mean time (same run). GFLOP/s = the "
+             "group's workload FLOPs (the same for every row; padding not counted) / this row's mean time.", ""]
     for name, rows in sorted(groups.items()):
+        _fill_group_flops(rows)
         lines += [f"## {name}", "", "| implementation | baseline | mean (ms) | ± (ms) | rounds | speed-up | GFLOP/s |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
             flops = r["info"].get("flops")
-            rate = f"{flops / r['mean'] / 1e9:.1f}" if flops else "-"
+            rate = f"{flops / r['mean'] / 1e9:.3g}" if flops else "-"
             lines.append(f"| {r['impl']} | {'yes' if r['baseline'] else ''} | {r['mean'] * 1e3:.3f} | "
                          f"{r['stddev'] * 1e3:.3f} | {r['rounds']} | {speedup} | {rate} |")
         lines.append("")
@@ -90,6 +115,32 @@ def markdown(groups: dict, versions: dict, commit: str, command: str) -> str:
     return "\n".join(lines)
 
 
+def speedup_plot(bars: list[tuple[str, float]], path: str, plt) -> None:
+    """Horizontal bars from 1x to each speed-up on a log axis: slow-downs (red) as visible as speed-ups (green)."""
+    from matplotlib.ticker import FuncFormatter
+
+    labels, values = [b[0] for b in bars], [b[1] for b in bars]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(bars) + 1.6))
+    y = range(len(bars))
+    ax.barh(y, [v - 1.0 for v in values], left=1.0, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.set_xscale("log")
+    low, high = min(values + [1.0]), max(values + [1.0])
+    ax.set_xlim(low / 1.6, high * 1.6)
+    ax.axvline(1.0, color="k", lw=1.2)
+    ax.text(1.0, -0.9, " 1x = the fastest baseline", va="center", fontsize=8)
+    for i, v in enumerate(values):
+        ax.text(v * (1.05 if v >= 1 else 1 / 1.05), i, f"{v:.2f}x", va="center", ha="left" if v >= 1 else "right",
+                fontsize=7)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_ylim(len(bars) - 0.5, -0.5 - 0.8)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.set_xlabel("speed-up vs the fastest baseline of the group (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def plot(groups: dict, out_dir: str) -> list[str]:
     """speedup.png (every non-baseline row vs its group's baseline) and scaling.png (series over size)."""
     import matplotlib
@@ -97,18 +148,11 @@ def plot(groups: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    bars = [(f"{g}\n{r['impl']}", r["speedup"]) for g, rows in sorted(groups.items()) for r in rows
+    bars = [(f"{g}: {r['impl']}", r["speedup"]) for g, rows in sorted(groups.items()) for r in rows
             if r["speedup"] and not r["baseline"]]
     if bars:
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(bars) + 1.5))
-        ax.barh([b[0] for b in bars], [b[1] for b in bars], color="tab:blue")
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("speed-up vs fastest baseline (x)")
-        ax.tick_params(axis="y", labelsize=6)
-        fig.tight_layout()
         path = os.path.join(out_dir, "speedup.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        speedup_plot(bars, path, plt)
         written.append(path)
     series = defaultdict(list)
     for rows in groups.values():
@@ -146,7 +190,8 @@ def main(argv=None) -> None:
         data = json.load(f)
     groups = group_rows(data["benchmarks"])
     command = "python -m benchmarks.report " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(groups, _versions(), _commit(), command.strip())
+    conditions = run_conditions(data.get("dpar", {}), None if args.json else args.quick)
+    text = markdown(groups, _versions(), _commit(), command.strip(), conditions)
     images = plot(groups, args.out)
     text += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in images) + "\n"
     report = os.path.join(args.out, "report.md")

@@ -2,19 +2,25 @@
 
 Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``) and is a torch custom op.
 """
+from importlib.metadata import PackageNotFoundError, version
+
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
 from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy
 from .gather_scatter import patch_gather, patch_scatter
 from .modules import PatchGather, PatchScatter, VarlenAttention
 from .patching import entropy_patch_lengths, lengths_to_cu_seqlens, patch_ids
+from .position_ids import cu_seqlens_from_position_ids
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("dpar-kernels")  # pyproject.toml is the one version source
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "available_backends",
     "token_entropy", "linear_entropy",
-    "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids",
+    "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids", "cu_seqlens_from_position_ids",
     "patch_gather", "patch_scatter",
     "varlen_attention", "attended_pairs",
     "VarlenAttention", "PatchGather", "PatchScatter",

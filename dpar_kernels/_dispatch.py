@@ -77,6 +77,7 @@ def supported_for_dtype(supported: tuple[str, ...], dtype: torch.dtype) -> tuple
     return tuple(b for b in supported if b in FLOAT64_BACKENDS) if dtype == torch.float64 else supported
 
 
-def available_backends(device: torch.device, supported: tuple[str, ...] = BACKENDS) -> list[str]:
-    """The backends of ``supported`` that can run on ``device`` here (used by tests and benchmarks)."""
+def available_backends(device: torch.device | str, supported: tuple[str, ...] = BACKENDS) -> list[str]:
+    """The backends of ``supported`` that can run on ``device`` ("cpu", "cuda:0" or a torch.device) here."""
+    device = torch.device(device)
     return [b for b in supported if _why_unavailable(b, device) is None]

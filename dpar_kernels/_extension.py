@@ -1,21 +1,44 @@
-"""Loads the compiled extension ``dpar_kernels._C`` once at import; warns once if it is missing.
+"""Loads the compiled extension ``dpar_kernels._C`` once at import; warns once if it is missing or unusable.
 
-The results are plain module constants so that torch.compile can trace backend selection without graph breaks.
+setup.py writes ``_C.build.json`` (the torch version _C was compiled against) next to the library. A _C built
+against another torch is not loaded (its C++ ABI would not match): the warning names both versions and the ops
+fall back to Triton or the torch reference. The results are plain module constants so that torch.compile can
+trace backend selection without graph breaks.
 """
 import importlib
+import json
+import os
 import warnings
+
+import torch
+
+BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.build.json")
+REBUILD_HINT = "Rebuild it against this torch with `pip install --no-build-isolation -e .` (README, Install)."
+
+
+def built_against() -> str | None:
+    """The torch version recorded when _C was built, or None when no build record exists."""
+    try:
+        with open(BUILD_INFO) as f:
+            return json.load(f).get("torch")
+    except (OSError, ValueError):
+        return None
+
+
+def _unavailable(reason: str) -> None:
+    warnings.warn(f"dpar_kernels._C is not used: {reason}; the 'cpu' and 'cuda' backends are disabled and ops fall "
+                  f"back to Triton or the torch reference. {REBUILD_HINT}", RuntimeWarning, stacklevel=3)
 
 
 def _load():
+    build_torch = built_against()
+    if build_torch is not None and build_torch != torch.__version__:
+        _unavailable(f"it was built against torch {build_torch} but torch {torch.__version__} is running")
+        return None
     try:
         return importlib.import_module("dpar_kernels._C")  # importing registers torch.ops.dpar_C
     except ImportError as exc:
-        warnings.warn(
-            f"dpar_kernels._C is not available ({exc}); the 'cpu' and 'cuda' backends are disabled and ops fall "
-            "back to Triton or the torch reference. Build it with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _unavailable(f"it cannot be imported ({exc})")
         return None
 
 

@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), runs the test suite, then the benchmark suite in quick mode so it cannot rot.
+# Sets up (scripts/setup.sh), runs the test suite, builds the sdist and a wheel from it once (compiles _C, ~3 min
+# on an idle machine) and checks the wheel carries _C, then runs the benchmark suite in quick mode so it cannot rot.
 # The extension must have built (DPAR_REQUIRE_EXTENSION=1 turns a failed build into a failing test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
 DPAR_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+dist=$(mktemp -d)
+"$PY" -m build --no-isolation --outdir "$dist" . > "$dist/build.log" 2>&1 || { tail -40 "$dist/build.log"; exit 1; }
+"$PY" - "$dist" <<'PY'
+import glob, sys, zipfile
+(wheel,) = glob.glob(f"{sys.argv[1]}/*.whl")
+names = zipfile.ZipFile(wheel).namelist()
+assert any(n.startswith("dpar_kernels/_C.") and n.endswith(".so") for n in names), f"{wheel} has no _C"
+assert "dpar_kernels/_C.build.json" in names, f"{wheel} has no _C.build.json"
+print(f"wheel built from the sdist carries _C: {wheel}")
+PY
+rm -rf "$dist"
 DPAR_BENCH_QUICK=1 "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider

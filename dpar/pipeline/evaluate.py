@@ -252,6 +252,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     from .data import TokenGridDataset
     from .objectives import LossModule, PatchSource, heldout_loss
 
+    if not (args.patches or args.ckpt or (args.log and args.target_loss is not None)
+            or (args.fid_real and args.fid_fake)):
+        raise ValueError("nothing to evaluate: give --patches, --ckpt with --data, --log with --target-loss, "
+                         "or --fid-real with --fid-fake")
     results = {}
     if args.patches:
         from .patchify import PatchTable
