@@ -2,6 +2,7 @@
 
 Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``) and is a torch custom op.
 """
+from ._checks import mark_validated, validation_enabled
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
 from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy
@@ -12,7 +13,8 @@ from .patching import entropy_patch_lengths, lengths_to_cu_seqlens, patch_ids
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "available_backends",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "mark_validated",
+    "validation_enabled",
     "token_entropy", "linear_entropy",
     "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids",
     "patch_gather", "patch_scatter",

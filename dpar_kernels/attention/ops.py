@@ -8,7 +8,8 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_cu_seqlens, check_float, check_same_device
+from .._autocast import cast_for_autocast, register_lower_precision
+from .._checks import check_cu_seqlens, check_float, check_same_device, launch_length
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
@@ -79,6 +80,7 @@ def _backward(ctx, dout, _dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
+register_lower_precision("dpar::varlen_attention")
 
 
 def attended_pairs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool) -> int:
@@ -119,8 +121,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     torch/cpu), last dim contiguous (other strides free, e.g. slices of a fused qkv). cu_seqlens_q/k int32 [B+1].
     max_seqlen_q/k: at least the longest sequence. causal=True masks bottom-right aligned. softmax_scale
     defaults to 1/sqrt(d). Returns out [total_q, Hq, d], and with return_lse=True also lse float32
-    [Hq, total_q] (-inf for a query that sees no key; its output row is 0).
+    [Hq, total_q] (-inf for a query that sees no key; its output row is 0). Under torch.autocast, q, k, v run
+    in the autocast dtype. The kernels' launch grids follow the longest sequence, never an oversized max_seqlen.
     """
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        q, k, v = cast_for_autocast(q.device, q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, ndim=3)
     device = check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
@@ -154,6 +159,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     backend = resolve_backend("varlen_attention", backend, device, supported)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                             backend)
+    out, lse = _attention_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                             launch_length(longest_q, max_seqlen_q, q.shape[0]),
+                             launch_length(longest_k, max_seqlen_k, k.shape[0]), scale, bool(causal), backend)
     return (out, lse) if return_lse else out
