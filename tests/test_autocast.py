@@ -83,3 +83,22 @@ def test_float64_is_left_alone_under_autocast():
     q = torch.randn(4, 1, 32, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dk.varlen_attention(q, q, q, cu, cu, 4, 4).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["entropy", "dpar", "baseline"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_runs_at_every_precision(tmp_path, kind, precision):
+    from dpar.pipeline import train
+    from dpar.pipeline.patchify import PatchTable
+    from pipeline_helpers import train_args, write_random_dataset
+
+    write_random_dataset(tmp_path / "data", count=8)
+    extra = []
+    if kind == "dpar":
+        PatchTable.from_entropies(torch.rand(8, 16) * 3, 1.5, 4, 4).save(str(tmp_path / "patches.pt"))
+        extra = ["--patches", tmp_path / "patches.pt"]
+    records = train.train(train_args([kind, "--data", tmp_path / "data", "--out", tmp_path / "out", "--steps", 2,
+                                      "--batch-size", 4, "--precision", precision, *extra]))
+    assert len(records) == 2
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert abs(records[0]["loss"] - math.log(16)) < 0.5  # vocabulary 16: about chance at the first step
