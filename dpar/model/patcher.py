@@ -57,16 +57,17 @@ class PatchBatch:
         mark_validated(self.cu_global, self.num_patches + self.num_images, self.max_global_length)
         return self
 
-    def to(self, device, non_blocking: bool = True) -> "PatchBatch":
-        """All tensors moved with one copy (pinned and non-blocking from the host to a GPU)."""
+    def to(self, device) -> "PatchBatch":
+        """All tensors moved with one copy (from pinned memory and non-blocking from the host to a GPU)."""
         device = torch.device(device)
         tensors = [getattr(self, k) for k in _TENSORS]
         if all(t.device == device for t in tensors):
             return self
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        if flat.device.type == "cpu" and device.type == "cuda":
+        upload = flat.device.type == "cpu" and device.type == "cuda"
+        if upload:
             flat = flat.pin_memory()
-        parts = flat.to(device, non_blocking=non_blocking).split([t.numel() for t in tensors])
+        parts = flat.to(device, non_blocking=upload).split([t.numel() for t in tensors])
         moved = {k: part.view(t.shape) for k, part, t in zip(_TENSORS, parts, tensors)}
         return PatchBatch(**moved, max_patch_length=self.max_patch_length, max_global_length=self.max_global_length,
                           tokens_per_image=self.tokens_per_image, grid_width=self.grid_width)._mark_offsets()
