@@ -102,3 +102,16 @@ def test_train_runs_at_every_precision(tmp_path, kind, precision):
     assert len(records) == 2
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     assert abs(records[0]["loss"] - math.log(16)) < 0.5  # vocabulary 16: about chance at the first step
+
+
+def test_dpar_with_on_the_fly_patches_trains_under_bf16(tmp_path):
+    """The entropy model cutting the patches runs under the same autocast as the step."""
+    from dpar.pipeline import train
+    from pipeline_helpers import train_args, write_random_dataset
+
+    write_random_dataset(tmp_path / "data", count=8)
+    common = ["--data", tmp_path / "data", "--steps", 1, "--batch-size", 4, "--precision", "bf16"]
+    train.train(train_args(["entropy", *common, "--out", tmp_path / "entropy"]))
+    records = train.train(train_args(["dpar", *common, "--out", tmp_path / "dpar", "--threshold", 1.0,
+                                      "--entropy-ckpt", tmp_path / "entropy" / train.CHECKPOINT]))
+    assert math.isfinite(records[0]["loss"]) and 0 < records[0]["global_tokens"] <= 4 * 16

@@ -167,9 +167,9 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
         tokens, labels = load_batch(dataset, indices)
         tokens, labels = tokens.to(env.device), labels.to(env.device)
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
-        patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens),
-                                          env.device)
-        with autocast:
+        with autocast:  # the entropy model cutting patches on the fly runs at the training precision too
+            patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens),
+                                              env.device)
             loss = trainer(tokens, labels, patches)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
