@@ -1,12 +1,10 @@
 """`dpar train {entropy,dpar,baseline}`: train a model on a token dataset, resumable, single process or DDP.
 
 AdamW with LlamaGen's defaults (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on matrices only), gradient clipping
-at 1.0, --precision autocast (bf16 by default on GPU, fp32 on CPU; fp16 with a GradScaler); --compile runs the
-loss as one torch.compile graph (fullgraph, dynamic shapes: no recompile when the patch count changes). The data
-order and every random draw of step s are pure functions of (seed, s, rank), so a run resumed from a checkpoint
-continues exactly (bitwise on CPU). DDP starts from torchrun's environment (WORLD_SIZE > 1): gloo on CPU, nccl on
-GPU; --batch-size is the global batch. Outputs in --out: checkpoint.safetensors (see dpar.checkpoint) and
-log.jsonl (one JSON record per step).
+at 1.0, --precision autocast (bf16 on GPU). The data order and every random draw of step s are pure functions of
+(seed, s, rank), so a run resumed from a checkpoint continues exactly (bitwise on CPU). DDP starts from torchrun's
+environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU; --batch-size is the global batch. Outputs in --out:
+checkpoint.safetensors (see dpar.checkpoint) and log.jsonl (one JSON record per step).
 """
 from __future__ import annotations
 
