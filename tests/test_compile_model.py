@@ -2,13 +2,20 @@
 graph break and no recompile when the patch count P changes between batches.
 
 The aot_eager backend traces exactly what inductor would get (dynamo graph + AOT autograd joint graph) without
-inductor's code generation, which takes minutes on a loaded CPU; `dpar train --compile` uses inductor.
+inductor's code generation, which takes minutes on a loaded CPU; the `dpar train --compile` test runs inductor
+on the tiny model.
 """
+import math
+
 import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.utils import counters
 from model_utils import random_batch, single_thread, tiny_models  # noqa: F401
+from pipeline_helpers import train_args, write_random_dataset
+from torch._dynamo.utils import counters
+
+from dpar.pipeline import train
+from dpar.pipeline.patchify import PatchTable
 
 
 def _loss_and_grads(loss_fn, model, *batch):
@@ -36,5 +43,19 @@ def test_loss_compiles_to_one_graph_across_patch_counts(kind):
         for grad, expected in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
     assert len(patch_counts) == 3, patch_counts
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_train_compile_runs_one_graph_across_batches(tmp_path):
+    """`dpar train --compile` (inductor): three steps with different patch counts, one graph, no break."""
+    write_random_dataset(tmp_path / "data", count=16)
+    PatchTable.from_entropies(torch.rand(16, 16) * 3, 1.5, 4, 4).save(str(tmp_path / "patches.pt"))
+    torch._dynamo.reset()
+    counters.clear()
+    records = train.train(train_args(["dpar", "--data", tmp_path / "data", "--out", tmp_path / "out", "--steps", 3,
+                                      "--batch-size", 4, "--compile", "--patches", tmp_path / "patches.pt"]))
+    assert len({r["global_tokens"] for r in records}) > 1
+    assert all(math.isfinite(r["loss"]) for r in records)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
