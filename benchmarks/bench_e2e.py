@@ -1,5 +1,5 @@
-"""End-to-end benchmarks: a DPAR training step vs the LlamaGen baseline, dk kernels vs padded torch ops, and
-sampling with a KV cache vs full recomputation.
+"""End-to-end benchmarks: a DPAR training step vs the LlamaGen baseline, dk kernels vs padded torch ops, eager vs
+torch.compile (with the host reads of a step), and sampling with a KV cache vs full recomputation.
 
     pytest benchmarks/bench_e2e.py --benchmark-only        (DPAR_BENCH_QUICK=1: tiny sizes, seconds)
 
@@ -15,11 +15,13 @@ from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_b
                                   threshold_for_reduction, train_entropy_model, training_batch, training_flops,
                                   training_step)
 from dpar.model import full_recompute
+from tests.host_reads import HostReadCounter
 
 WARMUP = 1  # the first step allocates (optimizer state, caches): never timed
 _TIMES: dict[tuple[str, str], float] = {}  # (group, impl) -> mean seconds, for ratios inside one run
 TRAIN_GROUP = "e2e train step: DPAR vs LlamaGen"
 KERNEL_GROUP = "e2e train step: dk kernels vs padded torch ops"
+COMPILE_GROUP = "e2e train step: eager vs torch.compile (DPAR)"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,42 @@ def test_train_step_kernels_vs_padded(benchmark, ops, batch):
             _time_train_step(benchmark, "dpar", batch)
     else:
         _time_train_step(benchmark, "dpar", batch)
+
+
+def _loss_reads(loss_fn, batch) -> list[str]:
+    """The host reads (tests/host_reads.py) of one loss forward + backward."""
+    with HostReadCounter() as counter:
+        loss_fn(batch.tokens, batch.labels, batch.patches).backward()
+    return counter.calls
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])  # eager first: the compiled row reports the ratio to it
+def test_train_step_eager_vs_compiled(benchmark, mode, batch):
+    """torch.compile(model.loss, fullgraph=True, dynamic=True) (inductor), as `dpar train --compile`; the
+    compilation happens in an untimed first step."""
+    model, optimizer = new_model("dpar", SIZES.grid)
+    loss_fn = model.loss if mode == "eager" else torch.compile(model.loss, fullgraph=True, dynamic=True)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(batch.tokens, batch.labels, batch.patches).backward()
+        optimizer.step()
+
+    step()  # compiles (compiled mode) and allocates the optimizer state
+    # the counter's dispatch mode cannot run compiled code; a fullgraph graph holds no host read (it would not trace)
+    reads = _loss_reads(loss_fn, batch) if mode == "eager" else []
+    record(benchmark, COMPILE_GROUP, f"DPAR, {mode}", baseline=mode == "eager", host_reads_per_step=len(reads),
+           host_read_calls=reads, **_common_info(batch))
+    benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=WARMUP, iterations=1)
+    seconds = mean_time(benchmark)
+    _TIMES[(COMPILE_GROUP, mode)] = seconds
+    eager = _TIMES.get((COMPILE_GROUP, "eager"))
+    if mode == "compiled" and seconds and eager:
+        benchmark.extra_info["time_ratio"] = seconds / eager
+        print(f"\nDPAR train step: compiled {seconds * 1e3:.0f} ms vs eager {eager * 1e3:.0f} ms "
+              f"(x{seconds / eager:.3f})")
+    if mode == "eager":
+        print(f"\nhost reads per DPAR loss forward + backward: {len(reads)}")
 
 
 @pytest.fixture(scope="module")

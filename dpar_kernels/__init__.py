@@ -4,6 +4,7 @@ Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``
 """
 from importlib.metadata import PackageNotFoundError, version
 
+from ._checks import mark_validated, validation_enabled
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
 from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy
@@ -18,7 +19,8 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "available_backends",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "mark_validated",
+    "validation_enabled",
     "token_entropy", "linear_entropy",
     "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids", "cu_seqlens_from_position_ids",
     "patch_gather", "patch_scatter",

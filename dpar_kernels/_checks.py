@@ -1,8 +1,11 @@
 """Input validation shared by every op: clear TypeError/ValueError naming the argument.
 
-Checks that read tensor values (cu_seqlens contents) run eagerly and are skipped while torch.compile traces,
-where they would force a graph break; the kernels themselves never read or write out of bounds.
+Checks that read tensor values (cu_seqlens contents) run eagerly, at most once per tensor version, and are skipped
+while torch.compile traces (they would force a graph break) and with DPAR_VALIDATE=0; the kernels themselves clamp
+their indices, so they never read or write out of bounds.
 """
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -45,11 +48,38 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def validation_enabled() -> bool:
+    """False when DPAR_VALIDATE=0: value checks of offsets are skipped (the kernels still clamp their indices)."""
+    return os.environ.get("DPAR_VALIDATE", "1") != "0"
+
+
+_MARK = "_dpar_offsets_checked"  # attribute on a validated offsets tensor: (version, last entry, longest segment)
+
+
+def _version(cu: torch.Tensor) -> int | None:
+    try:
+        return cu._version
+    except RuntimeError:  # inference tensors have no version counter: never cached
+        return None
+
+
+def mark_validated(cu: torch.Tensor, total: int, longest: int) -> torch.Tensor:
+    """Records that offsets ``cu`` (as they are now) start at 0, never decrease, end at ``total`` and have
+    no segment longer than ``longest`` (it sizes launch grids; an upper bound is fine), so no op reads them to the
+    host again. The caller vouches for it (e.g. offsets built on the host and copied to the device), skipped while
+    torch.compile traces. Returns ``cu``."""
+    version = _version(cu)
+    if version is not None and not _tracing():
+        setattr(cu, _MARK, (version, int(total), int(longest)))
+    return cu
+
+
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> int | None:
     """cu: int32 [n+1] offsets: starts at 0, non-decreasing, ends at ``total``, on ``device``.
 
-    Reads the offsets to the host once and returns the longest segment (0 for none); None while torch.compile
-    traces, where value checks are skipped.
+    Returns the longest segment (0 for none). The values are read to the host at most once per tensor version
+    (the result is kept on the tensor, see mark_validated); None, with no value check, while torch.compile traces
+    or with DPAR_VALIDATE=0.
     """
     check_tensor(name, cu, ndim=1)
     if cu.dtype != torch.int32:
@@ -58,8 +88,21 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name} is on {cu.device} but the data is on {device}")
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one entry (the leading 0)")
-    if _tracing():
+    if _tracing() or not validation_enabled():
         return None
+    mark = getattr(cu, _MARK, None)
+    if mark is None or mark[0] != _version(cu):
+        mark = (None, *_read_offsets(name, cu))
+        mark_validated(cu, mark[1], mark[2])
+    last, longest = mark[1], mark[2]
+    if last != total:
+        raise ValueError(f"{name} must end at the total length {total}, got {last}")
+    return longest
+
+
+def _read_offsets(name: str, cu: torch.Tensor) -> tuple[int, int]:
+    """(last entry, longest segment) of offsets ``cu``, read to the host once; ValueError unless they start at 0
+    and never decrease."""
     host = cu.cpu()
     first, last = int(host[0]), int(host[-1])
     if first != 0:
@@ -67,9 +110,13 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
     lengths = host[1:] - host[:-1]
     if bool((lengths < 0).any()):
         raise ValueError(f"{name} must be non-decreasing")
-    if last != total:
-        raise ValueError(f"{name} must end at the total length {total}, got {last}")
-    return int(lengths.max()) if lengths.numel() else 0
+    return last, int(lengths.max()) if lengths.numel() else 0
+
+
+def launch_length(longest: int | None, max_seqlen, total):
+    """The sequence length a kernel's launch grid is sized for: the validated longest segment, else the caller's
+    max_seqlen clamped to the total length (an oversized max_seqlen never grows the grid)."""
+    return longest if longest is not None else torch.sym_min(max_seqlen, total)
 
 
 INT32_MAX = 2**31 - 1

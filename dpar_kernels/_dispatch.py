@@ -4,6 +4,7 @@
 "torch" on CUDA tensors ("triton" first for varlen_attention), "cpu" then "torch" on CPU tensors. DPAR_BACKEND sets the default; a forced backend
 (argument or environment) that cannot run raises BackendUnavailableError naming why.
 """
+import contextlib
 import importlib.util
 import os
 
@@ -28,6 +29,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_guard(t: torch.Tensor):
+    """A context making t's CUDA device current (Triton launches on the current device); no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _why_unavailable(backend: str, device: torch.device) -> str | None:

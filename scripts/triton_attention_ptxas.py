@@ -51,7 +51,7 @@ def _signature(fn, dtype: str, constants: dict) -> dict:
             signature[name] = "*i32"
         elif name in ("softmax_scale", "qk_scale_log2"):
             signature[name] = "fp32"
-        elif name.startswith("stride_") or name in ("n_blocks", "group", "total_q"):
+        elif name.startswith("stride_") or name in ("n_blocks", "group", "total_q", "total_k"):
             signature[name] = "i32"
         else:
             signature[name] = "*" + dtype

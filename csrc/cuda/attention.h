@@ -2,7 +2,7 @@
 //
 // Layouts: q, out, dout, dq [total_q, heads_q, head_dim]; k, v, dk, dv [total_k, heads_kv, head_dim], each addressed
 // through (token, head) strides in elements with a contiguous last dim. lse and delta are fp32 [heads_q, total_q],
-// contiguous. cu_seqlens_q/k are int32 [batch + 1] device arrays (validated by the caller). Query head h uses
+// contiguous. cu_seqlens_q/k are int32 [batch + 1] device arrays (validated by the caller; clamped anyway). Query head h uses
 // key/value head h / (heads_q / heads_kv). causal masks bottom-right aligned (query j of a sequence with Lq queries
 // and Lk keys sees keys 0 .. Lk - Lq + j); a query that sees no key gets out 0 and lse -inf.
 #pragma once
@@ -22,6 +22,7 @@ struct VarlenAttentionShape {
   int max_seqlen_q;
   int max_seqlen_k;
   int64_t total_q;  // rows of out/dq; columns of lse and delta
+  int64_t total_k;  // rows of k/v/dk/dv; the kernels clamp every sequence to [0, total_q) x [0, total_k)
   float softmax_scale;
   bool causal;
   DType dtype;  // storage type of q, k, v, out, dout, dq, dk, dv

@@ -51,12 +51,20 @@ struct Sequence {
   int q_start, q_len, k_start, k_len;
 };
 
+// Segment b of offsets cu, clamped to 0 <= start <= end <= total: offsets that lie (validation skipped) give wrong
+// numbers, never an out-of-bounds access.
+__device__ __forceinline__ void clamped_segment(const int32_t* cu, int b, int64_t total, int& start, int& len) {
+  int64_t first = cu[b], last = cu[b + 1];
+  first = first < 0 ? 0 : (first > total ? total : first);
+  last = last < first ? first : (last > total ? total : last);
+  start = static_cast<int>(first);
+  len = static_cast<int>(last - first);
+}
+
 __device__ __forceinline__ Sequence load_sequence(const VarlenAttentionShape& shape, int b) {
   Sequence s;
-  s.q_start = shape.cu_seqlens_q[b];
-  s.q_len = shape.cu_seqlens_q[b + 1] - s.q_start;
-  s.k_start = shape.cu_seqlens_k[b];
-  s.k_len = shape.cu_seqlens_k[b + 1] - s.k_start;
+  clamped_segment(shape.cu_seqlens_q, b, shape.total_q, s.q_start, s.q_len);
+  clamped_segment(shape.cu_seqlens_k, b, shape.total_k, s.k_start, s.k_len);
   return s;
 }
 

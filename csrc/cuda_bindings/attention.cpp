@@ -63,6 +63,7 @@ VarlenAttentionShape make_shape(const at::Tensor& q, const at::Tensor& k, const 
   shape.max_seqlen_q = static_cast<int>(max_seqlen_q);
   shape.max_seqlen_k = static_cast<int>(max_seqlen_k);
   shape.total_q = q.size(0);
+  shape.total_k = k.size(0);
   shape.softmax_scale = static_cast<float>(softmax_scale);
   shape.causal = causal;
   shape.dtype = to_dtype(q);

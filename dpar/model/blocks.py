@@ -61,11 +61,15 @@ class AxialRope(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [N, H, d], rope (cos, sin) [N, d/2]: rotates each adjacent pair (x[2i], x[2i+1])."""
-    cos, sin = (t[:, None, :] for t in rope)
-    pairs = x.unflatten(-1, (-1, 2))
+    """x [N, H, d], rope (cos, sin) [N, d/2]: rotates each adjacent pair (x[2i], x[2i+1]).
+
+    The rotation runs in at least fp32 and the result has x's dtype, so under autocast q and k stay in the
+    dtype of v (bf16/fp16 q, k with fp32 tables would otherwise be promoted to fp32)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = (t[:, None, :].to(compute) for t in rope)
+    pairs = x.to(compute).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -142,7 +146,8 @@ class PatchRefiner(nn.Module):
         num_patches = patches.shape[0]
         q = self.q(self.query_norm(patches)).unflatten(-1, (self.num_heads, self.head_dim))
         k, v = self.kv(self.token_norm(tokens)).unflatten(-1, (-1, self.head_dim)).chunk(2, dim=1)
-        cu_queries = torch.arange(num_patches + 1, dtype=torch.int32, device=patches.device)
+        cu_queries = dk.mark_validated(torch.arange(num_patches + 1, dtype=torch.int32, device=patches.device),
+                                       num_patches, 1)
         attended = dk.varlen_attention(q, k, v, cu_queries, cu_tokens, 1, max_patch_length, causal=False)
         patches = patches + self.out(attended.flatten(1))
         return patches + self.mlp(self.mlp_norm(patches))
@@ -164,5 +169,7 @@ def grid_positions(token_index: torch.Tensor, grid_width: int) -> torch.Tensor:
 
 
 def dense_cu_seqlens(batch: int, length: int, device) -> torch.Tensor:
-    """int32 [batch+1] offsets of ``batch`` packed sequences of equal ``length``."""
-    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+    """int32 [batch+1] offsets of ``batch`` packed sequences of equal ``length`` (marked valid: no op reads
+    them back)."""
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+    return dk.mark_validated(cu, batch * length, length)

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+import dpar_kernels as dk
+
 
 class ClassEmbedding(nn.Module):
     """labels int64 [B] in [0, num_classes] (num_classes = the null class) -> [B, D].
@@ -37,9 +39,18 @@ def check_tokens_labels(config, tokens: torch.Tensor, labels: torch.Tensor) -> N
         raise ValueError(f"tokens must have 1..{config.tokens_per_image} tokens per image, got {tokens.shape[1]}")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != tokens.shape[:1]:
         raise TypeError(f"labels must be an int64 tensor [B={tokens.shape[0]}]")
-    if torch.compiler.is_compiling():  # value checks read the device; skip them while tracing
+    _check_range("tokens", tokens, 0, config.vocab_size - 1, f"tokens must be in [0, {config.vocab_size})")
+    _check_range("labels", labels, 0, config.num_classes,
+                 f"labels must be in [0, {config.num_classes}] ({config.num_classes} = null class)")
+
+
+def _check_range(name: str, x: torch.Tensor, low: int, high: int, message: str) -> None:
+    """ValueError(message) unless low <= x <= high, without reading x to the host: an asynchronous device assert
+    (immediate on CPU, raised at the next sync on a GPU); part of the graph under torch.compile. DPAR_VALIDATE=0
+    skips it."""
+    if x.numel() == 0 or not dk.validation_enabled():
         return
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size):
-        raise ValueError(f"tokens must be in [0, {config.vocab_size})")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > config.num_classes):
-        raise ValueError(f"labels must be in [0, {config.num_classes}] ({config.num_classes} = null class)")
+    try:
+        torch._assert_async(((x >= low) & (x <= high)).all(), message)
+    except RuntimeError as error:
+        raise ValueError(message) from error

@@ -76,7 +76,7 @@ class DPAR(nn.Module):
         patch_vectors = self.embed_patches(states, patches.cu_tokens, patches.max_patch_length)
 
         # global sequences [class, patch_0 .. patch_{n-1}] per image, packed
-        patch_rows = torch.arange(patches.num_patches, device=x.device) + patches.image_of_patch() + 1
+        patch_rows = patches.patch_rows.long()
         class_rows = patches.cu_global[:-1].long()
         rows = x.new_zeros(patches.num_patches + batch, x.shape[1])
         rows = rows.index_copy(0, class_rows, self.class_embed(labels)).index_copy(0, patch_rows, patch_vectors)

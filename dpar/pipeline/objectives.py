@@ -13,18 +13,26 @@ from ..model.patcher import PatchBatch
 
 
 class LossModule(nn.Module):
-    """forward(tokens, labels, patch_lengths, cu_patches) -> the model's training loss (DDP hooks forward only)."""
+    """forward(tokens, labels, patches) -> the model's training loss (DDP hooks forward only); ``patches`` is the
+    PatchBatch from ``patch_batch`` (DPAR) or None."""
 
     def __init__(self, kind: str, model: nn.Module, grid_width: int):
         super().__init__()
         self.kind, self.model, self.grid_width = kind, model, grid_width
 
-    def forward(self, tokens, labels, patch_lengths=None, cu_patches=None):
+    def patch_batch(self, lengths_and_offsets, device) -> PatchBatch | None:
+        """(patch_lengths, cu_patches) from a PatchSource (or None) -> the PatchBatch, built and validated on the
+        host and moved to ``device`` in one copy, so the loss itself never reads the device."""
+        if lengths_and_offsets is None:
+            return None
+        return PatchBatch.from_lengths(*lengths_and_offsets, self.grid_width).to(device)
+
+    def forward(self, tokens, labels, patches: PatchBatch | None = None):
         if self.kind == "entropy":
             return self.model.loss(tokens)
         if self.kind == "baseline":
             return self.model.loss(tokens, labels)
-        return self.model.loss(tokens, labels, PatchBatch.from_lengths(patch_lengths, cu_patches, self.grid_width))
+        return self.model.loss(tokens, labels, patches)
 
 
 class PatchSource:
@@ -62,8 +70,8 @@ def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, 
         indices = torch.arange(start, min(start + batch_size, len(dataset)))
         tokens, labels = load_batch(dataset, indices)
         tokens, labels = tokens.to(device), labels.to(device)
-        patches = () if patch_source is None else tuple(t.to(device) for t in patch_source(indices, tokens))
-        total += float(loss_module(tokens, labels, *patches)) * len(indices)
+        patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens), device)
+        total += float(loss_module(tokens, labels, patches)) * len(indices)
         count += len(indices)
     loss_module.train(was_training)
     mean = total / max(count, 1)

@@ -1,7 +1,7 @@
 """`dpar train {entropy,dpar,baseline}`: train a model on a token dataset, resumable, single process or DDP.
 
 AdamW with LlamaGen's defaults (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on matrices only), gradient clipping
-at 1.0, bf16 autocast on GPU (fp32 on CPU). The data order and every random draw of step s are pure functions of
+at 1.0, --precision autocast (bf16 on GPU). The data order and every random draw of step s are pure functions of
 (seed, s, rank), so a run resumed from a checkpoint continues exactly (bitwise on CPU). DDP starts from torchrun's
 environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU; --batch-size is the global batch. Outputs in --out:
 checkpoint.safetensors (see dpar.checkpoint) and log.jsonl (one JSON record per step).
@@ -13,7 +13,6 @@ is saved; --resume needs a checkpoint and refuses changed settings (listing them
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -47,12 +46,24 @@ def batch_indices(step: int, global_batch: int, num_items: int, seed: int) -> to
     return order[position * global_batch:(position + 1) * global_batch]
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
-    """AdamW with weight decay on parameters of rank >= 2 only (LlamaGen's configure_optimizers)."""
+    """AdamW with weight decay on parameters of rank >= 2 only (LlamaGen's configure_optimizers): the fused
+    kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False, foreach=False)
+    on_cuda = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda, foreach=not on_cuda)
+
+
+def precision_context(precision: str | None, device: torch.device):
+    """(autocast context, GradScaler) of --precision (None: bf16 on CUDA, fp32 elsewhere)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def step_flops(kind: str, model: nn.Module, batch, patches) -> float:
@@ -60,16 +71,14 @@ def step_flops(kind: str, model: nn.Module, batch, patches) -> float:
     a FlopCounterMode count of one step of a scratch copy for the entropy model (its steps all cost the same)."""
     if kind == "dpar":
         from ..model import flops
-        from ..model.patcher import PatchBatch
-        return float(flops.dpar_training_flops(model.config, PatchBatch.from_lengths(*patches, model.config.grid_width))
-                     ["total"])
+        return float(flops.dpar_training_flops(model.config, patches)["total"])
     if kind == "baseline":
         from ..model import flops
         return float(flops.baseline_training_flops(model.config, batch[0].shape[0])["total"])
     from torch.utils.flop_counter import FlopCounterMode
     probe = build_model(kind, dataclasses.asdict(model.config)).to(batch[0].device)
     with FlopCounterMode(display=False) as counter:
-        LossModule(kind, probe, 0)(*batch).backward()
+        LossModule(kind, probe, 0)(*batch, patches).backward()
     return float(counter.get_total_flops())
 
 
@@ -160,12 +169,11 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         trainer = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if args.compile:
-        trainer = torch.compile(trainer)
+        trainer = torch.compile(trainer, fullgraph=True, dynamic=True)
     if args.batch_size % env.world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size {env.world}")
     local_batch = args.batch_size // env.world
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast, scaler = precision_context(args.precision, env.device)
     entropy_flops = None
     progress = _progress(args, step, env.rank)
     model.train()
@@ -176,15 +184,16 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         tokens, labels = load_batch(dataset, indices)
         tokens, labels = tokens.to(env.device), labels.to(env.device)
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
-        patches = None
-        if patch_source is not None:
-            patches = tuple(t.to(env.device) for t in patch_source(indices, tokens))
-        with autocast:
-            loss = trainer(tokens, labels, *(patches or ()))
+        with autocast:  # the entropy model cutting patches on the fly runs at the training precision too
+            patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens),
+                                              env.device)
+            loss = trainer(tokens, labels, patches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if args.kind == "entropy":
             entropy_flops = entropy_flops or step_flops(args.kind, model, (tokens, labels), patches)
             flops_now = entropy_flops
@@ -203,7 +212,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
                   "step_time": elapsed, "tokens_per_s": args.batch_size * dataset.tokens_per_image / elapsed,
                   "lr": args.lr}
         if patches is not None:
-            record["global_tokens"] = env.sum(float(patches[0].numel()))
+            record["global_tokens"] = env.sum(float(patches.num_patches))
         if args.eval_data and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             record["val_loss"] = _validation_loss(args, loss_module, patch_source, env)
         records.append(record)
@@ -272,7 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-patch-size", type=int, default=4)
     parser.add_argument("--eval-data", help="held-out token dataset for val_loss")
     parser.add_argument("--eval-every", type=int, default=0, help="log val_loss every N steps (0: never)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the loss (one graph, forward and backward; dynamic shapes)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS),
+                        help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a GradScaler")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -8,7 +8,9 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_cu_seqlens, check_finite, check_float, check_index, check_same_device, check_tensor
+from .._autocast import cast_for_autocast, register_lower_precision
+from .._checks import (check_cu_seqlens, check_finite, check_float, check_index, check_same_device, check_tensor,
+                       launch_length)
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy
 from . import naive
@@ -79,6 +81,7 @@ def _backward(ctx, dout, _dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
+register_lower_precision("dpar::varlen_attention")
 
 
 def attended_pairs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool) -> int:
@@ -124,8 +127,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     NaN (the same on every backend): a NaN in a query's q row, or in a k or v row it sees, makes its output row NaN
     and its lse -inf; a NaN k row a query does not see leaves it untouched, a NaN v row may reach every query of its
-    sequence (0 * NaN in the P @ V product). +-inf inputs have no defined result.
+    sequence (0 * NaN in the P @ V product). +-inf inputs have no defined result. Under torch.autocast,
+    q, k, v run in the autocast dtype. The kernels' launch grids follow the longest sequence, never an oversized
+    max_seqlen.
     """
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        q, k, v = cast_for_autocast(q.device, q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, ndim=3)
     check_tensor("cu_seqlens_q", cu_seqlens_q)
@@ -162,6 +169,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     backend = resolve_backend("varlen_attention", backend, device, supported)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                             backend)
+    out, lse = _attention_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                             launch_length(longest_q, max_seqlen_q, q.shape[0]),
+                             launch_length(longest_k, max_seqlen_k, k.shape[0]), scale, bool(causal), backend)
     return (out, lse) if return_lse else out

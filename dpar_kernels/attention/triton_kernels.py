@@ -9,14 +9,13 @@ fp32 statistics in the base-2 domain (exp2). Each program owns one (block, head,
 indices share grid axis 0 because axes 1 and 2 are limited to 65535 and a batch of patches (cross-attention, one
 query per segment) can hold more sequences than that.
 """
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreter
+from .._dispatch import device_guard, triton_interpreter
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,27 +102,34 @@ def _forward_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
 
 
 @triton.jit
-def _sequence_block(cu_blocked, cu_other, n_blocks, BLOCK: tl.constexpr):
+def _sequence_block(cu_blocked, cu_other, n_blocks, total_blocked, total_other, BLOCK: tl.constexpr):
     """Program axis 0 = block + n_blocks * sequence -> (first row of the block, start and length of the blocked
-    side's sequence, start and length of the other side's)."""
+    side's sequence, start and length of the other side's). Starts and ends are clamped to [0, total], so
+    offsets that lie (validation skipped) never index out of bounds."""
     pid = tl.program_id(0)
     seq = pid // n_blocks
     first = (pid % n_blocks) * BLOCK
-    start = tl.load(cu_blocked + seq)
-    length = tl.load(cu_blocked + seq + 1) - start
-    other_start = tl.load(cu_other + seq)
-    other_length = tl.load(cu_other + seq + 1) - other_start
+    start, length = _clamped_segment(cu_blocked, seq, total_blocked)
+    other_start, other_length = _clamped_segment(cu_other, seq, total_other)
     return first, start, length, other_start, other_length
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, qk_scale_log2,
+def _clamped_segment(cu, seq, total):
+    start = tl.minimum(tl.maximum(tl.load(cu + seq), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(cu + seq + 1), start), total)
+    return start, end - start
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, total_q, total_k, qk_scale_log2,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_lse_h, n_blocks, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (query block + n_blocks * sequence, q head): out rows and lse of BLOCK_M queries."""
-    m0, q_start, len_q, k_start, len_k = _sequence_block(cu_seqlens_q, cu_seqlens_k, n_blocks, BLOCK_M)
+    m0, q_start, len_q, k_start, len_k = _sequence_block(cu_seqlens_q, cu_seqlens_k, n_blocks, total_q, total_k,
+                                                         BLOCK_M)
     if m0 >= len_q:
         return
     head = tl.program_id(1)
@@ -204,14 +210,16 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, softmax_scale, qk_scale_log2,
+def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, total_q, total_k, softmax_scale,
+                 qk_scale_log2,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h, n_blocks, group,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (key block + n_blocks * sequence, kv head): dk, dv of BLOCK_N keys, summed over the q heads of
     the group and all query tiles that see them (no atomics, deterministic)."""
-    n0, k_start, len_k, q_start, len_q = _sequence_block(cu_seqlens_k, cu_seqlens_q, n_blocks, BLOCK_N)
+    n0, k_start, len_k, q_start, len_q = _sequence_block(cu_seqlens_k, cu_seqlens_q, n_blocks, total_k, total_q,
+                                                         BLOCK_N)
     if n0 >= len_k:
         return
     kv_head = tl.program_id(1)
@@ -277,13 +285,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, softmax_scale, qk_scale_log2,
+def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, total_q, total_k, softmax_scale,
+               qk_scale_log2,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dqt, stride_dqh, stride_lse_h, n_blocks, group,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (query block + n_blocks * sequence, q head): dq of BLOCK_M queries."""
-    m0, q_start, len_q, k_start, len_k = _sequence_block(cu_seqlens_q, cu_seqlens_k, n_blocks, BLOCK_M)
+    m0, q_start, len_q, k_start, len_k = _sequence_block(cu_seqlens_q, cu_seqlens_k, n_blocks, total_q, total_k,
+                                                         BLOCK_M)
     if m0 >= len_q:
         return
     head = tl.program_id(1)
@@ -362,11 +372,6 @@ def _check_kernel_inputs(q: torch.Tensor) -> None:
         raise ValueError(f"backend 'triton' supports head dims {HEAD_DIMS}, got {q.shape[2]}")
 
 
-def _on_device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the device of the data (multi-GPU processes)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _row_major_lse(lse: torch.Tensor) -> torch.Tensor:
     """The kernels index lse/delta [Hq, total_q] with a unit token stride."""
     return lse if lse.stride(-1) == 1 else lse.contiguous()
@@ -382,9 +387,9 @@ def forward_into(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seq
         return
     tiles = _tiles("forward", q, max_seqlen_q, max_seqlen_k)
     n_blocks = triton.cdiv(max_seqlen_q, tiles.m)
-    with _on_device_of(q):
+    with device_guard(q):
         _forward_kernel[(n_blocks * n_seq, q.shape[1])](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale * _LOG2E,
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], softmax_scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), lse.stride(0), n_blocks, q.shape[1] // k.shape[1], **_constants(q, causal, tiles))
 
@@ -399,7 +404,7 @@ def backward_into(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqle
         dv.zero_()
     if n_seq == 0 or q.shape[1] == 0:
         return
-    with _on_device_of(q):
+    with device_guard(q):
         _launch_backward(dout, q, k, v, out, _row_major_lse(lse), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, softmax_scale, causal, dq, dk, dv)
 
@@ -417,8 +422,8 @@ def _launch_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
             delta.stride(0), HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]), BLOCK_T=block_t,
             num_warps=_DELTA_WARPS)
-    common = (softmax_scale, softmax_scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-              v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
+    common = (total_q, total_k, softmax_scale, softmax_scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0),
+              k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
     if total_k > 0:
         tiles = _tiles("dkdv", q, max_seqlen_q, max_seqlen_k)
         n_blocks = triton.cdiv(max_seqlen_k, tiles.n)

@@ -1,6 +1,7 @@
 """Public entropy ops: token_entropy and linear_entropy (forward only)."""
 import torch
 
+from .._autocast import cast_for_autocast, register_lower_precision
 from .._checks import check_float, check_same_device, check_temperature
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import extension_op, lazy, reject_grad
@@ -41,6 +42,9 @@ def _(hidden, weight, bias, temperature, backend):
     return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
+register_lower_precision("dpar::linear_entropy")  # a matmul: autocast's dtype; token_entropy has one float input
+
+
 def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits / temperature) over the last dim.
 
@@ -73,8 +77,11 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     hidden [N, D], weight [V, D], bias [V] or None, same float dtype and device. Returns float32 [N].
     The CPU paths chunk over N and V with torch.matmul and merge vocabulary chunks with an online recurrence;
     on GPU a Triton kernel fuses the matmul tile with the entropy update. Forward only. Edge values and temperature
-    checks as token_entropy (NaN rows give NaN; temperature finite, > 0, clamped to [1e-20, 1e20]).
+    checks as token_entropy (NaN rows give NaN; temperature finite, > 0, clamped to [1e-20, 1e20]). Under torch.autocast,
+    hidden, weight and bias run in the autocast dtype (the entropy still accumulates in fp32).
     """
+    if isinstance(hidden, torch.Tensor):
+        hidden, weight, bias = cast_for_autocast(hidden.device, hidden, weight, bias)
     check_float("hidden", hidden, ndim=2)
     check_float("weight", weight, ndim=2)
     if bias is not None:

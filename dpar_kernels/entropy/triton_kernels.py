@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import device_guard
+
 TOKEN_BLOCK_V = 4096          # vocabulary values per loop step of token_entropy (per program)
 LINEAR_BLOCK_N = 64           # rows per linear_entropy program
 LINEAR_BLOCK_V = 64           # vocabulary columns per matmul tile
@@ -52,8 +54,9 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return out
     block_v = min(TOKEN_BLOCK_V, max(16, triton.next_power_of_2(v)))
     num_warps = 8 if block_v >= 2048 else 4
-    _token_entropy_kernel[(n,)](logits, out, v, logits.stride(0), 1.0 / temperature, BLOCK_V=block_v,
-                                num_warps=num_warps)
+    with device_guard(logits):
+        _token_entropy_kernel[(n,)](logits, out, v, logits.stride(0), 1.0 / temperature, BLOCK_V=block_v,
+                                    num_warps=num_warps)
     return out
 
 
@@ -143,10 +146,11 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     state = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
     bias_arg = bias if bias is not None else hidden  # never read when HAS_BIAS is False
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    _linear_entropy_kernel[(row_blocks, splits)](
-        hidden, weight, bias_arg, state[0], state[1], state[2], n, v, d, hidden.stride(0), weight.stride(0),
-        vocab_per_split, 1.0 / temperature, HAS_BIAS=bias is not None, PRECISION=precision,
-        BLOCK_N=LINEAR_BLOCK_N, BLOCK_V=LINEAR_BLOCK_V, BLOCK_D=LINEAR_BLOCK_D, num_warps=4, num_stages=3)
+    with device_guard(hidden):
+        _linear_entropy_kernel[(row_blocks, splits)](
+            hidden, weight, bias_arg, state[0], state[1], state[2], n, v, d, hidden.stride(0), weight.stride(0),
+            vocab_per_split, 1.0 / temperature, HAS_BIAS=bias is not None, PRECISION=precision,
+            BLOCK_N=LINEAR_BLOCK_N, BLOCK_V=LINEAR_BLOCK_V, BLOCK_D=LINEAR_BLOCK_D, num_warps=4, num_stages=3)
     if splits == 1:
         _, s, w = state[:, 0]
         return s.log() - w / s

@@ -1,6 +1,8 @@
 """Public patch ops: patch_gather (max/sum/mean over each patch's tokens) and patch_scatter (broadcast back).
 
-Both are differentiable custom ops; each backward is itself a custom op running on the same backend.
+Both are differentiable custom ops; each backward is itself a custom op running on the same backend. Each has one
+float input, so they run in its dtype under torch.autocast (nothing to mix; a max or a copy gains nothing from a
+cast).
 """
 import torch
 
@@ -124,7 +126,7 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
     check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
     backend = resolve_backend("patch_gather", backend, x.device, supported_for_dtype(tuple(_GATHER), x.dtype))
     with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
-    return _gather_op(x, cu_tokens, reduce, with_argmax, backend)[0]
+    return _gather_op(x, cu_tokens.contiguous(), reduce, with_argmax, backend)[0]
 
 
 def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int | None = None,
@@ -146,4 +148,4 @@ def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int
     total_tokens = check_index("total_tokens", total_tokens)
     check_cu_seqlens("cu_tokens", cu_tokens, total_tokens, y.device)
     backend = resolve_backend("patch_scatter", backend, y.device, supported_for_dtype(tuple(_SCATTER), y.dtype))
-    return _scatter_op(y, cu_tokens, total_tokens, backend)
+    return _scatter_op(y, cu_tokens.contiguous(), total_tokens, backend)

@@ -1,11 +1,14 @@
 """Triton patch gather/scatter: one program per (patch, column block), looping over the patch's tokens.
 
 Shapes as in naive.py: x [T, D] (row stride free, stride(1) == 1), cu_tokens int32 [P+1], y/out [P, D].
-Accumulation is fp32 (fp64 for fp64 inputs). No atomics: every program owns its output rows.
+Accumulation is fp32 (fp64 for fp64 inputs). No atomics: every program owns its output rows. Every program clamps
+its patch's token range to [0, total rows], so offsets that lie (validation skipped) never index out of bounds.
 """
 import torch
 import triton
 import triton.language as tl
+
+from .._dispatch import device_guard
 
 _REDUCE_CODE = {"max": 0, "sum": 1, "mean": 2}
 _COPY, _MEAN_SPREAD, _ARGMAX_ROUTE = 0, 1, 2  # what a broadcast program writes to each token row
@@ -16,14 +19,21 @@ def _block_d(cols: int) -> int:
 
 
 @triton.jit
-def _gather_kernel(x_ptr, cu_ptr, out_ptr, argmax_ptr, cols, x_row_stride,
+def _token_range(cu_ptr, patch, total):
+    """The patch's token rows [start, stop), clamped to 0 <= start <= stop <= total."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + patch), 0), total)
+    stop = tl.minimum(tl.maximum(tl.load(cu_ptr + patch + 1), start), total)
+    return start, stop
+
+
+@triton.jit
+def _gather_kernel(x_ptr, cu_ptr, out_ptr, argmax_ptr, cols, total, x_row_stride,
                    REDUCE: tl.constexpr, WITH_ARGMAX: tl.constexpr, ACC_FP64: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     patch = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < cols
-    start = tl.load(cu_ptr + patch)
-    stop = tl.load(cu_ptr + patch + 1)
+    start, stop = _token_range(cu_ptr, patch, total)
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     out_row = patch.to(tl.int64) * cols
     x_row = x_ptr + start.to(tl.int64) * x_row_stride + offs  # advanced one row per token
@@ -53,15 +63,14 @@ def _gather_kernel(x_ptr, cu_ptr, out_ptr, argmax_ptr, cols, x_row_stride,
 
 
 @triton.jit
-def _broadcast_kernel(src_ptr, cu_ptr, argmax_ptr, out_ptr, cols, src_row_stride,
+def _broadcast_kernel(src_ptr, cu_ptr, argmax_ptr, out_ptr, cols, total, src_row_stride,
                       MODE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr):
     """Writes every token row of the patch once: its patch row (COPY), the row / length (MEAN_SPREAD), or the
     row where the token is the column's arg-max and 0 elsewhere (ARGMAX_ROUTE)."""
     patch = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < cols
-    start = tl.load(cu_ptr + patch)
-    stop = tl.load(cu_ptr + patch + 1)
+    start, stop = _token_range(cu_ptr, patch, total)
     row = tl.load(src_ptr + patch.to(tl.int64) * src_row_stride + offs, mask=mask, other=0.0)
     if MODE == 1:
         acc_dtype = tl.float64 if ACC_FP64 else tl.float32
@@ -91,9 +100,10 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, with_arg
     argmax = torch.empty(argmax_shape, dtype=torch.int32, device=x.device)
     if out.numel():
         block = _block_d(cols)
-        _gather_kernel[_grid(num_patches, cols, block)](
-            x, cu_tokens, out, argmax, cols, x.stride(0),
-            REDUCE=_REDUCE_CODE[reduce], WITH_ARGMAX=with_argmax, ACC_FP64=x.dtype == torch.float64, BLOCK_D=block)
+        with device_guard(x):
+            _gather_kernel[_grid(num_patches, cols, block)](
+                x, cu_tokens, out, argmax, cols, x.shape[0], x.stride(0), REDUCE=_REDUCE_CODE[reduce],
+                WITH_ARGMAX=with_argmax, ACC_FP64=x.dtype == torch.float64, BLOCK_D=block)
     return out, argmax
 
 
@@ -103,9 +113,10 @@ def _broadcast(src: torch.Tensor, cu_tokens: torch.Tensor, argmax: torch.Tensor,
     num_patches = cu_tokens.numel() - 1
     if out.numel() and num_patches:
         block = _block_d(cols)
-        _broadcast_kernel[_grid(num_patches, cols, block)](
-            src, cu_tokens, argmax, out, cols, src.stride(0),
-            MODE=mode, ACC_FP64=src.dtype == torch.float64, BLOCK_D=block)
+        with device_guard(src):
+            _broadcast_kernel[_grid(num_patches, cols, block)](
+                src, cu_tokens, argmax, out, cols, total, src.stride(0),
+                MODE=mode, ACC_FP64=src.dtype == torch.float64, BLOCK_D=block)
     return out
 
 

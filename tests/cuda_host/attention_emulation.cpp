@@ -262,6 +262,7 @@ VarlenAttentionShape make_shape(int dtype, const int32_t* cu_q, const int32_t* c
   shape.max_seqlen_q = max_q;
   shape.max_seqlen_k = max_k;
   shape.total_q = total_q;
+  shape.total_k = cu_k[batch];  // the harness passes valid host offsets
   shape.softmax_scale = scale;
   shape.causal = causal != 0;
   shape.dtype = static_cast<DType>(dtype);
