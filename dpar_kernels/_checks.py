@@ -125,7 +125,11 @@ INT64_MAX = 2**63 - 1
 
 def check_index(name: str, value, minimum: int = 0) -> int:
     """An integer argument of any integer kind (int, numpy integer, 0-d integer tensor) as a Python int in
-    [minimum, int64 max]; TypeError for other types (bool and float included), ValueError when out of range."""
+    [minimum, int64 max]; TypeError for other types (bool and float included), ValueError when out of range.
+    While torch.compile traces, the value (possibly a symbolic int) passes through unchecked, as the other value
+    checks do."""
+    if _tracing():
+        return value
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an int, got a tensor of shape {tuple(value.shape)} and dtype "

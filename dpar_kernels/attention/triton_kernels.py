@@ -440,8 +440,10 @@ def _launch_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      softmax_scale: float, causal: bool):
-    """-> (out [total_q, Hq, d] in q's dtype, lse float32 [Hq, total_q]); semantics of naive.varlen_attention."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    """-> (out [total_q, Hq, d] in q's dtype, lse float32 [Hq, total_q]); semantics of naive.varlen_attention.
+
+    Outputs start zeroed so rows that lying offsets (validation off) leave uncovered read 0, never stale memory."""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     forward_into(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, out, lse)
     return out, lse
@@ -449,10 +451,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                               max_seqlen_k: int, softmax_scale: float, causal: bool):
-    """dout [total_q, Hq, d] -> (dq, dk, dv) in the dtypes of q, k, v; semantics of naive's backward."""
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    """dout [total_q, Hq, d] -> (dq, dk, dv) in the dtypes of q, k, v; semantics of naive's backward (zeroed
+    first, like the forward's output)."""
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     backward_into(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                   causal, dq, dk, dv)
     return dq, dk, dv
