@@ -1,0 +1,179 @@
+// KV-cache attention for incremental decoding: schema + CPU kernel (flash_attn_with_kvcache layout).
+//
+// q [B, Sq, Hq, d]; k_cache, v_cache [B, S_max, Hk, d] (any strides, contiguous last dim), updated in place when
+// k, v [B, Sq, Hk, d] are given; cache_seqlens int32 [B]. Semantics exactly as dpar_kernels/kvcache/naive.py:
+// the cached length is clamped to [0, S_max], new keys go to positions cached + i below S_max (others dropped),
+// query i sees keys [0, end_i) with end_i = min(S_max, cached + new - Sq + i + 1) when causal (min(S_max,
+// cached + new) otherwise). A query that sees no key outputs 0. Returns out [B, Sq, Hq, d] in q's dtype.
+//
+// One work unit per (row b, kv head): it writes that head's new keys, then streams its keys once, in blocks of
+// kBlockK converted to the compute type, for all Hq / Hk * Sq query rows of the group (online softmax, the tile
+// math of attention_tiles.h). Units own their output rows: no atomics, deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+// Only forward_tile of the shared tile math is used here; its backward entry points are static too.
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wunused-function"
+#endif
+#include "cpu/attention_tiles.h"
+
+namespace dpar {
+namespace {
+
+using cpu::attention::kBlockK;
+using cpu::attention::kBlockQ;
+
+constexpr int64_t kMinWorkPerThread = 1 << 15;  // multiply-adds below which waking another thread costs more
+
+void check_float4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, "kvcache_attention: ", name, " must be 4-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.device().is_cpu(), "kvcache_attention: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "kvcache_attention: ", name, " must have q's dtype ",
+              q.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "kvcache_attention: ", name, " must have a contiguous last dim");
+}
+
+// Rows (batch, position, head) of a [B, S, H, d] tensor.
+template <typename T>
+struct Rows4d {
+  T* data;
+  int64_t sb, ss, sh;
+  explicit Rows4d(const at::Tensor& t)
+      : data(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), ss(t.stride(1)), sh(t.stride(2)) {}
+  T* row(int64_t b, int64_t s, int64_t h) const { return data + b * sb + s * ss + h * sh; }
+};
+
+template <typename scalar_t>
+void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const int32_t* cache_seqlens, const std::optional<at::Tensor>& k,
+                    const std::optional<at::Tensor>& v, double softmax_scale, bool causal, const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), d = q.size(3);
+  const int64_t max_keys = k_cache.size(1), heads_kv = k_cache.size(2), group = heads_q / heads_kv;
+  const int64_t rows = group * seqlen_q, dp = cpu::attention::padded_dim<acc_t>(d);
+  const bool appended = k.has_value();
+  const Rows4d<const scalar_t> q_rows(q);
+  const Rows4d<scalar_t> k_rows(k_cache), v_rows(v_cache), out_rows(out);
+  const std::optional<Rows4d<const scalar_t>> k_new = appended ? std::optional(Rows4d<const scalar_t>(*k)) : std::nullopt;
+  const std::optional<Rows4d<const scalar_t>> v_new = appended ? std::optional(Rows4d<const scalar_t>(*v)) : std::nullopt;
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const int64_t units = batch * heads_kv;
+  const int64_t work_per_unit = std::max<int64_t>(1, rows * max_keys * d);
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_unit);
+
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qs(rows * dp, acc_t(0)), acc(rows * dp), m(rows), l(rows);
+    std::vector<acc_t> kt(d * kBlockK), vr(kBlockK * dp, acc_t(0)), s(kBlockQ * kBlockK);
+    std::vector<int64_t> ends(seqlen_q);
+    std::vector<int> visible(rows);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / heads_kv, h = unit % heads_kv;
+      const int64_t cached = std::clamp<int64_t>(cache_seqlens[b], 0, max_keys);
+      if (appended) {
+        for (int64_t i = 0; i < seqlen_q && cached + i < max_keys; ++i) {
+          std::copy_n(k_new->row(b, i, h), d, k_rows.row(b, cached + i, h));
+          std::copy_n(v_new->row(b, i, h), d, v_rows.row(b, cached + i, h));
+        }
+      }
+      const int64_t total = cached + (appended ? seqlen_q : 0);
+      int64_t key_end = 0;
+      for (int64_t i = 0; i < seqlen_q; ++i) {
+        ends[i] = std::clamp<int64_t>(causal ? total - seqlen_q + i + 1 : total, 0, max_keys);
+        key_end = std::max(key_end, ends[i]);
+      }
+      // row r = g * Sq + i: query i of query head h * group + g
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* src = q_rows.row(b, r % seqlen_q, h * group + r / seqlen_q);
+        for (int64_t c = 0; c < d; ++c) qs[r * dp + c] = static_cast<acc_t>(src[c]) * scale;
+      }
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t key = 0; key < key_end; key += kBlockK) {
+        const int64_t cols = std::min<int64_t>(kBlockK, key_end - key);
+        if (cols < kBlockK) std::fill(kt.begin(), kt.end(), acc_t(0));
+        for (int64_t j = 0; j < cols; ++j) {
+          const scalar_t* kr = k_rows.row(b, key + j, h);
+          const scalar_t* vrow = v_rows.row(b, key + j, h);
+          for (int64_t c = 0; c < d; ++c) {
+            kt[c * kBlockK + j] = static_cast<acc_t>(kr[c]);
+            vr[j * dp + c] = static_cast<acc_t>(vrow[c]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          visible[r] = static_cast<int>(std::clamp<int64_t>(ends[r % seqlen_q] - key, 0, cols));
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlockQ) {
+          const int64_t n = std::min<int64_t>(kBlockQ, rows - r0);
+          cpu::attention::forward_tile(qs.data() + r0 * dp, n, d, dp, kt.data(), vr.data(), cols,
+                                       visible.data() + r0, s.data(), m.data() + r0, l.data() + r0,
+                                       acc.data() + r0 * dp);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t normaliser = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);  // a row without keys stays 0
+        scalar_t* dst = out_rows.row(b, r % seqlen_q, h * group + r / seqlen_q);
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(acc[r * dp + c] * normaliser);
+      }
+    }
+  });
+}
+
+at::Tensor kvcache_attention_cpu(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_in,
+                                 const std::optional<at::Tensor>& v_in, double softmax_scale, bool causal) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.device().is_cpu(), "kvcache_attention: q must be a 4-D CPU tensor");
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "kvcache_attention: q must be float32, float16, bfloat16 or float64, got ", dtype);
+  const at::Tensor q = q_in.size(3) <= 1 || q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  check_float4d(k_cache, "k_cache", q);
+  check_float4d(v_cache, "v_cache", q);
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), d = q.size(3);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "kvcache_attention: k_cache and v_cache must have the same shape");
+  TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == d,
+              "kvcache_attention: k_cache must be [B, S_max, Hk, d] with q's B and d, got ", k_cache.sizes());
+  TORCH_CHECK(k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
+              "kvcache_attention: the number of query heads must be a multiple of k_cache's heads");
+  TORCH_CHECK(k_in.has_value() == v_in.has_value(), "kvcache_attention: k and v must be given together");
+  std::optional<at::Tensor> k, v;
+  if (k_in.has_value()) {
+    k = k_in->size(3) <= 1 || k_in->stride(3) == 1 ? *k_in : k_in->contiguous();
+    v = v_in->size(3) <= 1 || v_in->stride(3) == 1 ? *v_in : v_in->contiguous();
+    check_float4d(*k, "k", q);
+    check_float4d(*v, "v", q);
+    const std::vector<int64_t> expected{batch, seqlen_q, k_cache.size(2), d};
+    TORCH_CHECK(k->sizes() == expected && v->sizes() == expected, "kvcache_attention: k and v must be ", expected);
+  }
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.numel() == batch && cache_seqlens.scalar_type() == at::kInt &&
+                  cache_seqlens.device().is_cpu(),
+              "kvcache_attention: cache_seqlens must be a CPU int32 tensor [B]");
+  const at::Tensor lengths = cache_seqlens.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kvcache_attention_cpu", [&] {
+    kvcache_kernel<scalar_t>(q, k_cache, v_cache, lengths.data_ptr<int32_t>(), k, v, softmax_scale, causal, out);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace dpar
+
+TORCH_LIBRARY_FRAGMENT(dpar_C, m) {
+  m.def(
+      "kvcache_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
+      "Tensor? v, float softmax_scale, bool causal) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dpar_C, CPU, m) { m.impl("kvcache_attention", &dpar::kvcache_attention_cpu); }
