@@ -1,6 +1,7 @@
 """KV-cache generation equals a slow reference that recomputes the full forward for every token."""
 import pytest
 import torch
+from host_reads import HostReadCounter
 from model_utils import single_thread, tiny_models  # noqa: F401
 
 import dpar
@@ -79,3 +80,30 @@ def test_generation_rejects_bad_arguments():
         model.generate([1], entropy_model=entropy_model, threshold=1.0, max_patch_size=0)
     with pytest.raises(ValueError, match="temperature"):
         baseline.generate([1], temperature=-1.0)
+
+
+def _generate(kind, models, labels, threshold):
+    config, model, baseline, entropy_model = models
+    sampling = dict(cfg_scale=3.0, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
+    if kind == "baseline":
+        return baseline.generate(labels, **sampling)
+    return model.generate(labels, entropy_model=entropy_model, threshold=threshold, max_patch_size=3, **sampling)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "dpar"])
+def test_generation_reads_at_most_two_tensor_values_per_token(kind):
+    """Host reads (device syncs on a GPU) per generated token, with mixed patch boundaries and CFG. The reads
+    that do not depend on the length (argument checks, the final PatchBatch) are measured on a 1-row grid and
+    subtracted."""
+    models = tiny_models()
+    config = models[0]
+    labels = torch.tensor([0, 3, 7])
+    threshold = _threshold_with_mixed_boundaries(config, models[3])
+    with HostReadCounter() as reads:
+        _generate(kind, models, labels, threshold)
+    short = tiny_models(grid_height=1)
+    with HostReadCounter() as fixed:
+        _generate(kind, short, labels, threshold)
+    per_token = (reads.count - fixed.count) / (config.tokens_per_image - short[0].tokens_per_image)
+    assert per_token <= (0 if kind == "baseline" else 1), (reads.calls, fixed.calls)
+    assert fixed.count <= 40, fixed.calls
