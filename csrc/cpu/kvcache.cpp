@@ -6,9 +6,10 @@
 // query i sees keys [0, end_i) with end_i = min(S_max, cached + new - Sq + i + 1) when causal (min(S_max,
 // cached + new) otherwise). A query that sees no key outputs 0. Returns out [B, Sq, Hq, d] in q's dtype.
 //
-// One work unit per (row b, kv head): it writes that head's new keys, then streams its keys once, in blocks of
-// kBlockK converted to the compute type, for all Hq / Hk * Sq query rows of the group (online softmax, the tile
-// math of attention_tiles.h). Units own their output rows: no atomics, deterministic.
+// One work unit per (row b, kv head): it writes that head's new keys, then reads each of its keys once for all
+// Hq / Hk * Sq query rows of the group: scores (one dot product per row and key), an exact two-pass softmax per
+// row, then out += p * v. Keys and values are read in place when they are float32 rows of a multiple of the SIMD
+// width, else converted once into a padded buffer. Units own their output rows: no atomics, deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,9 +21,10 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-// Only forward_tile of the shared tile math is used here; its backward entry points are static too.
+// Only the SIMD helpers of attention_tiles.h are used here; its static tile entry points are not.
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wunused-function"
 #endif
@@ -31,10 +33,66 @@
 namespace dpar {
 namespace {
 
-using cpu::attention::kBlockK;
-using cpu::attention::kBlockQ;
+using cpu::attention::padded_dim;
+using cpu::attention::Simd;
 
 constexpr int64_t kMinWorkPerThread = 1 << 15;  // multiply-adds below which waking another thread costs more
+
+// The math of one unit. q [rows][dp] (pre-scaled, padding zero); k, v rows of dp values (padding zero) at
+// k_stride / v_stride; ends[r]: keys row r sees (<= keys); s scratch [rows][keys]; acc [rows][dp] -> the
+// normalised outputs (0 for a row that sees no key).
+template <typename T>
+DPAR_INLINE void decode_rows(const T* q, int64_t rows, int64_t dp, const T* k, int64_t k_stride, const T* v,
+                             int64_t v_stride, int64_t keys, const int64_t* ends, T* s, T* acc) {
+  using S = Simd<T>;
+  constexpr int W = S::kWidth;
+  for (int64_t j = 0; j < keys; ++j) {
+    const T* kj = k + j * k_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      typename S::vec dot{};
+      for (int64_t c = 0; c < dp; c += W) dot += S::load(q + r * dp + c) * S::load(kj + c);
+      T sum = 0;
+      for (int i = 0; i < W; ++i) sum += dot[i];
+      s[r * keys + j] = sum;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* sr = s + r * keys;
+    const int64_t n = ends[r];
+    T top = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, sr[j]);
+    T total = 0;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const typename S::vec e = cpu::attention::exp_nonpositive(S::load(sr + j) - top);
+      S::store(sr + j, e);
+      for (int i = 0; i < W; ++i) total += e[i];
+    }
+    for (; j < n; ++j) total += (sr[j] = cpu::attention::exp_scalar(sr[j] - top));
+    const T inv = n > 0 ? T(1) / total : T(0);
+    for (j = 0; j < n; ++j) sr[j] *= inv;
+    std::fill(sr + n, sr + keys, T(0));  // hidden keys weigh 0
+    std::fill(acc + r * dp, acc + (r + 1) * dp, T(0));
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    const T* vj = v + j * v_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T p = s[r * keys + j];
+      if (p == T(0)) continue;
+      for (int64_t c = 0; c < dp; c += W) S::store(acc + r * dp + c, S::load(acc + r * dp + c) + p * S::load(vj + c));
+    }
+  }
+}
+
+DPAR_SIMD_CLONES void decode_unit(const float* q, int64_t rows, int64_t dp, const float* k, int64_t k_stride,
+                                  const float* v, int64_t v_stride, int64_t keys, const int64_t* ends, float* s,
+                                  float* acc) {
+  decode_rows(q, rows, dp, k, k_stride, v, v_stride, keys, ends, s, acc);
+}
+void decode_unit(const double* q, int64_t rows, int64_t dp, const double* k, int64_t k_stride, const double* v,
+                 int64_t v_stride, int64_t keys, const int64_t* ends, double* s, double* acc) {
+  decode_rows(q, rows, dp, k, k_stride, v, v_stride, keys, ends, s, acc);
+}
 
 void check_float4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == 4, "kvcache_attention: ", name, " must be 4-D, got ", t.dim(), "-D");
@@ -61,70 +119,66 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), d = q.size(3);
   const int64_t max_keys = k_cache.size(1), heads_kv = k_cache.size(2), group = heads_q / heads_kv;
-  const int64_t rows = group * seqlen_q, dp = cpu::attention::padded_dim<acc_t>(d);
+  const int64_t rows = group * seqlen_q, dp = padded_dim<acc_t>(d);
   const bool appended = k.has_value();
+  // float32 caches whose rows are whole SIMD vectors are read in place
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && dp == d;
   const Rows4d<const scalar_t> q_rows(q);
   const Rows4d<scalar_t> k_rows(k_cache), v_rows(v_cache), out_rows(out);
-  const std::optional<Rows4d<const scalar_t>> k_new = appended ? std::optional(Rows4d<const scalar_t>(*k)) : std::nullopt;
-  const std::optional<Rows4d<const scalar_t>> v_new = appended ? std::optional(Rows4d<const scalar_t>(*v)) : std::nullopt;
   const acc_t scale = static_cast<acc_t>(softmax_scale);
   const int64_t units = batch * heads_kv;
-  const int64_t work_per_unit = std::max<int64_t>(1, rows * max_keys * d);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_unit);
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, rows * max_keys * d));
 
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qs(rows * dp, acc_t(0)), acc(rows * dp), m(rows), l(rows);
-    std::vector<acc_t> kt(d * kBlockK), vr(kBlockK * dp, acc_t(0)), s(kBlockQ * kBlockK);
-    std::vector<int64_t> ends(seqlen_q);
-    std::vector<int> visible(rows);
+    std::vector<acc_t> qs(rows * dp, acc_t(0)), acc(rows * dp), s, kbuf, vbuf;
+    std::vector<int64_t> ends(rows);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / heads_kv, h = unit % heads_kv;
       const int64_t cached = std::clamp<int64_t>(cache_seqlens[b], 0, max_keys);
       if (appended) {
+        const Rows4d<const scalar_t> k_new(*k), v_new(*v);
         for (int64_t i = 0; i < seqlen_q && cached + i < max_keys; ++i) {
-          std::copy_n(k_new->row(b, i, h), d, k_rows.row(b, cached + i, h));
-          std::copy_n(v_new->row(b, i, h), d, v_rows.row(b, cached + i, h));
+          std::copy_n(k_new.row(b, i, h), d, k_rows.row(b, cached + i, h));
+          std::copy_n(v_new.row(b, i, h), d, v_rows.row(b, cached + i, h));
         }
       }
       const int64_t total = cached + (appended ? seqlen_q : 0);
-      int64_t key_end = 0;
-      for (int64_t i = 0; i < seqlen_q; ++i) {
-        ends[i] = std::clamp<int64_t>(causal ? total - seqlen_q + i + 1 : total, 0, max_keys);
-        key_end = std::max(key_end, ends[i]);
-      }
-      // row r = g * Sq + i: query i of query head h * group + g
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* src = q_rows.row(b, r % seqlen_q, h * group + r / seqlen_q);
+      int64_t keys = 0;
+      for (int64_t r = 0; r < rows; ++r) {  // row r = g * Sq + i: query i of query head h * group + g
+        const int64_t i = r % seqlen_q;
+        ends[r] = std::clamp<int64_t>(causal ? total - seqlen_q + i + 1 : total, 0, max_keys);
+        keys = std::max(keys, ends[r]);
+        const scalar_t* src = q_rows.row(b, i, h * group + r / seqlen_q);
         for (int64_t c = 0; c < d; ++c) qs[r * dp + c] = static_cast<acc_t>(src[c]) * scale;
       }
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(l.begin(), l.end(), acc_t(0));
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t key = 0; key < key_end; key += kBlockK) {
-        const int64_t cols = std::min<int64_t>(kBlockK, key_end - key);
-        if (cols < kBlockK) std::fill(kt.begin(), kt.end(), acc_t(0));
-        for (int64_t j = 0; j < cols; ++j) {
-          const scalar_t* kr = k_rows.row(b, key + j, h);
-          const scalar_t* vrow = v_rows.row(b, key + j, h);
+      if (static_cast<int64_t>(s.size()) < rows * keys) s.resize(rows * keys);
+      const acc_t *kp, *vp;
+      int64_t k_stride, v_stride;
+      if (in_place) {
+        kp = reinterpret_cast<const acc_t*>(k_rows.row(b, 0, h));
+        vp = reinterpret_cast<const acc_t*>(v_rows.row(b, 0, h));
+        k_stride = k_rows.ss;
+        v_stride = v_rows.ss;
+      } else {
+        if (static_cast<int64_t>(kbuf.size()) < keys * dp) {
+          kbuf.assign(keys * dp, acc_t(0));  // padding columns stay zero
+          vbuf.assign(keys * dp, acc_t(0));
+        }
+        for (int64_t j = 0; j < keys; ++j) {
+          const scalar_t *kr = k_rows.row(b, j, h), *vr = v_rows.row(b, j, h);
           for (int64_t c = 0; c < d; ++c) {
-            kt[c * kBlockK + j] = static_cast<acc_t>(kr[c]);
-            vr[j * dp + c] = static_cast<acc_t>(vrow[c]);
+            kbuf[j * dp + c] = static_cast<acc_t>(kr[c]);
+            vbuf[j * dp + c] = static_cast<acc_t>(vr[c]);
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          visible[r] = static_cast<int>(std::clamp<int64_t>(ends[r % seqlen_q] - key, 0, cols));
-        }
-        for (int64_t r0 = 0; r0 < rows; r0 += kBlockQ) {
-          const int64_t n = std::min<int64_t>(kBlockQ, rows - r0);
-          cpu::attention::forward_tile(qs.data() + r0 * dp, n, d, dp, kt.data(), vr.data(), cols,
-                                       visible.data() + r0, s.data(), m.data() + r0, l.data() + r0,
-                                       acc.data() + r0 * dp);
-        }
+        kp = kbuf.data();
+        vp = vbuf.data();
+        k_stride = v_stride = dp;
       }
+      decode_unit(qs.data(), rows, dp, kp, k_stride, vp, v_stride, keys, ends.data(), s.data(), acc.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const acc_t normaliser = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);  // a row without keys stays 0
         scalar_t* dst = out_rows.row(b, r % seqlen_q, h * group + r / seqlen_q);
-        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(acc[r * dp + c] * normaliser);
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(acc[r * dp + c]);
       }
     }
   });
