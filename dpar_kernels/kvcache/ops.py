@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_float, check_same_device, check_tensor
 from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import extension_op, lazy, reject_grad
+from .._ops import direct_call_ok, extension_op, lazy, reject_grad
 from . import naive
 
 _FORWARD = {
@@ -101,4 +101,6 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     backend = resolve_backend("kvcache_attention", backend, device, supported)
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
+        return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
     return _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal), backend)
