@@ -64,18 +64,32 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// The query row of this warp: flat = (b * seqlen_q + i) * heads_q + head, rows = all of them.
+struct QueryRow {
+  long long flat, rows;
+  int b, i, head;
+};
+
+__device__ __forceinline__ QueryRow query_row(const Args& a) {
+  const KVCacheShape& s = a.shape;
+  QueryRow r;
+  r.flat = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  r.rows = static_cast<long long>(s.batch) * s.seqlen_q * s.heads_q;
+  r.head = static_cast<int>(r.flat % s.heads_q);
+  r.i = static_cast<int>((r.flat / s.heads_q) % s.seqlen_q);
+  r.b = static_cast<int>(r.flat / (static_cast<long long>(s.heads_q) * s.seqlen_q));
+  return r;
+}
+
 // One warp per (flat query row, split); lane c holds dims c, c + 32, ... (kPerLane of them).
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock) partial_kernel(Args a) {
   const KVCacheShape& s = a.shape;
   const int lane = threadIdx.x % kWarp;
-  const long long flat = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  const long long rows = static_cast<long long>(s.batch) * s.seqlen_q * s.heads_q;
-  if (flat >= rows) return;
-  const int split = blockIdx.y;
-  const int head = static_cast<int>(flat % s.heads_q);
-  const int i = static_cast<int>((flat / s.heads_q) % s.seqlen_q);
-  const int b = static_cast<int>(flat / (static_cast<long long>(s.heads_q) * s.seqlen_q));
+  const QueryRow row = query_row(a);
+  if (row.flat >= row.rows) return;
+  const long long flat = row.flat, rows = row.rows;
+  const int split = blockIdx.y, head = row.head, i = row.i, b = row.b;
   const int kv_head = head / (s.heads_q / s.heads_kv);
   const int lo = split * a.split_size;
   const int end = visible_end(a, b, i);
@@ -130,12 +144,10 @@ template <typename T>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock) merge_kernel(Args a) {
   const KVCacheShape& s = a.shape;
   const int lane = threadIdx.x % kWarp;
-  const long long flat = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  const long long rows = static_cast<long long>(s.batch) * s.seqlen_q * s.heads_q;
-  if (flat >= rows) return;
-  const int head = static_cast<int>(flat % s.heads_q);
-  const int i = static_cast<int>((flat / s.heads_q) % s.seqlen_q);
-  const int b = static_cast<int>(flat / (static_cast<long long>(s.heads_q) * s.seqlen_q));
+  const QueryRow row = query_row(a);
+  if (row.flat >= row.rows) return;
+  const long long flat = row.flat, rows = row.rows;
+  const int head = row.head, i = row.i, b = row.b;
   float top = -INFINITY;
   for (int split = 0; split < a.splits; ++split) top = fmaxf(top, a.part_lse[split * rows + flat]);
   float total = 0.f;
