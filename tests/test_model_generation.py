@@ -107,3 +107,23 @@ def test_generation_reads_at_most_two_tensor_values_per_token(kind):
     per_token = (reads.count - fixed.count) / (config.tokens_per_image - short[0].tokens_per_image)
     assert per_token <= (0 if kind == "baseline" else 1), (reads.calls, fixed.calls)
     assert fixed.count <= 40, fixed.calls
+
+
+def test_dpar_generation_with_infinite_threshold_uses_fixed_patches():
+    """threshold +inf: patches of exactly max_patch_size (cut at rows), the entropy model is never run."""
+    config, model, _, entropy_model = tiny_models(seed=2)
+    labels = torch.tensor([1, 5])
+
+    def broken_step(*args):
+        raise AssertionError("the entropy model must not run with an infinite threshold")
+
+    entropy_model.step = broken_step
+    tokens, patches = model.generate(labels, entropy_model=entropy_model, threshold=float("inf"), max_patch_size=2,
+                                     temperature=0.0, return_patches=True)
+    expected_tokens, expected = full_recompute.generate_dpar(model, labels, entropy_model=entropy_model,
+                                                             threshold=float("inf"), max_patch_size=2,
+                                                             temperature=0.0)
+    assert torch.equal(tokens, expected_tokens)
+    assert torch.equal(patches.patch_lengths, expected.patch_lengths)
+    row = [2] * (config.grid_width // 2) + [1] * (config.grid_width % 2)
+    assert _per_image(patches) == [row * config.grid_height] * 2

@@ -71,10 +71,12 @@ class _OpenPatches:
         self.max_patch_size, self.grid_width = max_patch_size, grid_width
 
     def starts_at(self, t: int, previous_entropy: torch.Tensor, threshold) -> torch.Tensor:
-        """bool [B]: token t starts a new patch (same rules as dk.entropy_patch_lengths)."""
+        """bool [B]: token t starts a new patch (same rules as dk.entropy_patch_lengths); previous_entropy None
+        when every threshold is +inf (fixed-size patches)."""
         if t % self.grid_width == 0:
             return torch.ones_like(self.start, dtype=torch.bool)
-        return (previous_entropy.double() > threshold) | (t - self.start == self.max_patch_size)
+        full = t - self.start == self.max_patch_size
+        return full if previous_entropy is None else (previous_entropy.double() > threshold) | full
 
     def summary(self, starting: torch.Tensor, t: int) -> tuple[int, int]:
         """The step's one host read: (images starting a patch at t, longest patch they close)."""
@@ -123,6 +125,7 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     rows, length, device = labels.numel(), c.tokens_per_image, labels.device
     batch = rows if cfg_scale == 1.0 else rows // 2
     thresholds = _thresholds(threshold, batch, device)
+    entropy_needed = bool((thresholds < float("inf")).any())  # all +inf: fixed-size patches, no entropy model
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     encoder_cache = _cache(model, c.encoder_layers, rows, length)
     global_cache = _cache(model, c.global_layers, rows, length + 1)
@@ -158,7 +161,7 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
         embedded = model.token_embed(_repeat_rows(tokens[:, t], rows))
         states[:, t] = model.encoder(embedded, rope, cache=encoder_cache)
         encoder_cache.commit()
-        if t + 1 < length:
+        if entropy_needed and t + 1 < length:
             entropy = entropy_model.step(entropy_cache, tokens[:, t])
     return tokens, patches.patch_batch()
 
