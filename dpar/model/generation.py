@@ -179,7 +179,11 @@ def _append_patches(model, global_cache, condition, states, starting, start, cou
     vectors = model.embed_padded_patches(states[row_ids[:, None], token], lengths.to(torch.int32))
     grid_width = model.config.grid_width
     positions = torch.stack([starts // grid_width, starts % grid_width, starts % grid_width + lengths - 1], dim=1)
-    global_cache.begin(row_ids)
+    every_row = count == batch  # then row_ids is arange(rows): a whole-batch step, nothing to scatter
+    global_cache.begin(None if every_row else row_ids)
     out = model.run_global(vectors, positions, cache=global_cache)
     global_cache.commit()
-    condition[row_ids] = model.decoder_condition(out)
+    if every_row:
+        condition.copy_(model.decoder_condition(out))
+    else:
+        condition[row_ids] = model.decoder_condition(out)
