@@ -36,7 +36,9 @@ namespace {
 using cpu::attention::padded_dim;
 using cpu::attention::Simd;
 
-constexpr int64_t kMinWorkPerThread = 1 << 15;  // multiply-adds below which waking another thread costs more
+// Multiply-adds below which waking another thread costs more than it saves (a wake-up is tens of microseconds on a
+// loaded machine); a call below it runs inline on the calling thread.
+constexpr int64_t kMinWorkPerThread = 1 << 19;
 
 // The math of one unit. q [rows][dp] (pre-scaled, padding zero); k, v rows of dp values (padding zero) at
 // k_stride / v_stride; ends[r]: keys row r sees (<= keys); s scratch [rows][keys]; acc [rows][dp] -> the
@@ -127,9 +129,10 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   const Rows4d<scalar_t> k_rows(k_cache), v_rows(v_cache), out_rows(out);
   const acc_t scale = static_cast<acc_t>(softmax_scale);
   const int64_t units = batch * heads_kv;
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, rows * max_keys * d));
+  const int64_t threads = std::clamp<int64_t>(units * rows * max_keys * d / kMinWorkPerThread, 1,
+                                              std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(units, 1)));
 
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+  auto work = [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qs(rows * dp, acc_t(0)), acc(rows * dp), s, kbuf, vbuf;
     std::vector<int64_t> ends(rows);
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -181,7 +184,12 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(acc[r * dp + c]);
       }
     }
-  });
+  };
+  if (threads == 1) {
+    work(0, units);
+  } else {
+    at::parallel_for(0, units, (units + threads - 1) / threads, work);
+  }
 }
 
 at::Tensor kvcache_attention_cpu(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
