@@ -53,9 +53,12 @@ DPAR_INLINE void decode_rows(const T* q, int64_t rows, int64_t dp, const T* k, i
     for (int64_t r = 0; r < rows; ++r) {
       typename S::vec dot{};
       for (int64_t c = 0; c < dp; c += W) dot += S::load(q + r * dp + c) * S::load(kj + c);
-      T sum = 0;
-      for (int i = 0; i < W; ++i) sum += dot[i];
-      s[r * keys + j] = sum;
+      T lanes[W];  // horizontal sum as a tree: log2(W) dependent adds instead of W
+      S::store(lanes, dot);
+      for (int width = W / 2; width > 0; width /= 2) {
+        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+      }
+      s[r * keys + j] = lanes[0];
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
