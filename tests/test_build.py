@@ -7,7 +7,7 @@ import torch
 from dpar_kernels import _extension
 
 EXTENSION_OPS = ("token_entropy", "entropy_state_update", "patch_gather", "patch_gather_backward", "patch_scatter",
-                 "varlen_attention", "varlen_attention_backward")
+                 "varlen_attention", "varlen_attention_backward", "kvcache_attention")
 
 
 def test_extension_built_where_required():

@@ -24,8 +24,16 @@ def test_axial_rope_depends_only_on_position_differences():
     assert torch.equal(apply_rope(q, rope(torch.zeros(1, 3, dtype=torch.long), torch.float64)), q)
 
 
+def _attend_step(cache, rows, q, k, v):
+    cache.begin(rows)
+    out = cache.attend(0, torch.stack(q), torch.stack(k), torch.stack(v))
+    cache.commit()
+    return out
+
+
 def test_kv_cache_matches_packed_causal_attention():
-    """Appending ragged chunks (some sequences idle) equals one causal pass over the full sequences."""
+    """Appending one token to a varying subset of rows per step (others idle) equals one causal pass over the
+    full sequences."""
     lengths, heads, kv_heads, dim = [5, 0, 7, 3], 4, 2, 8
     q = [torch.randn(n, heads, dim, dtype=torch.float64) for n in lengths]
     k = [torch.randn(n, kv_heads, dim, dtype=torch.float64) for n in lengths]
@@ -35,16 +43,14 @@ def test_kv_cache_matches_packed_causal_attention():
     expected = list(expected.split(lengths))
 
     cache = KVCache(1, len(lengths), 8, kv_heads, dim, torch.float64, torch.device("cpu"))
-    chunks = [[2, 0, 1, 3], [0, 0, 4, 0], [3, 0, 2, 0]]  # tokens each sequence appends per step
-    done = [0] * len(lengths)
-    for counts in chunks:
-        pieces = [slice(done[b], done[b] + n) for b, n in enumerate(counts)]
-        cache.begin(torch.tensor(counts))
-        out = cache.attend(0, torch.cat([q[b][s] for b, s in enumerate(pieces)]),
-                           torch.cat([k[b][s] for b, s in enumerate(pieces)]),
-                           torch.cat([v[b][s] for b, s in enumerate(pieces)]))
-        cache.commit()
-        for b, part in enumerate(out.split(counts)):
-            assert_close(part, expected[b][pieces[b]], torch.float64)
-        done = [d + n for d, n in zip(done, counts)]
+    done, step = [0] * len(lengths), 0
+    while done != lengths:  # one token for a varying subset of rows, in a varying order, per step
+        rows = [b for b in (2, 0, 3, 1) if done[b] < lengths[b]][::(-1) ** step][:max(1, 3 - step % 3)]
+        index = torch.tensor(rows)
+        out = _attend_step(cache, index, [q[b][done[b]] for b in rows], [k[b][done[b]] for b in rows],
+                           [v[b][done[b]] for b in rows])
+        for part, b in zip(out, rows):
+            assert_close(part, expected[b][done[b]], torch.float64)
+            done[b] += 1
+        step += 1
     assert done == lengths and cache.lengths.tolist() == lengths

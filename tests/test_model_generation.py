@@ -1,6 +1,7 @@
 """KV-cache generation equals a slow reference that recomputes the full forward for every token."""
 import pytest
 import torch
+from host_reads import HostReadCounter
 from model_utils import single_thread, tiny_models  # noqa: F401
 
 import dpar
@@ -79,3 +80,50 @@ def test_generation_rejects_bad_arguments():
         model.generate([1], entropy_model=entropy_model, threshold=1.0, max_patch_size=0)
     with pytest.raises(ValueError, match="temperature"):
         baseline.generate([1], temperature=-1.0)
+
+
+def _generate(kind, models, labels, threshold):
+    config, model, baseline, entropy_model = models
+    sampling = dict(cfg_scale=3.0, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
+    if kind == "baseline":
+        return baseline.generate(labels, **sampling)
+    return model.generate(labels, entropy_model=entropy_model, threshold=threshold, max_patch_size=3, **sampling)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "dpar"])
+def test_generation_reads_at_most_two_tensor_values_per_token(kind):
+    """Host reads (device syncs on a GPU) per generated token, with mixed patch boundaries and CFG. The reads
+    that do not depend on the length (argument checks, the final PatchBatch) are measured on a 1-row grid and
+    subtracted."""
+    models = tiny_models()
+    config = models[0]
+    labels = torch.tensor([0, 3, 7])
+    threshold = _threshold_with_mixed_boundaries(config, models[3])
+    with HostReadCounter() as reads:
+        _generate(kind, models, labels, threshold)
+    short = tiny_models(grid_height=1)
+    with HostReadCounter() as fixed:
+        _generate(kind, short, labels, threshold)
+    per_token = (reads.count - fixed.count) / (config.tokens_per_image - short[0].tokens_per_image)
+    assert per_token <= (0 if kind == "baseline" else 1), (reads.calls, fixed.calls)
+    assert fixed.count <= 40, fixed.calls
+
+
+def test_dpar_generation_with_infinite_threshold_uses_fixed_patches():
+    """threshold +inf: patches of exactly max_patch_size (cut at rows), the entropy model is never run."""
+    config, model, _, entropy_model = tiny_models(seed=2)
+    labels = torch.tensor([1, 5])
+
+    def broken_step(*args):
+        raise AssertionError("the entropy model must not run with an infinite threshold")
+
+    entropy_model.step = broken_step
+    tokens, patches = model.generate(labels, entropy_model=entropy_model, threshold=float("inf"), max_patch_size=2,
+                                     temperature=0.0, return_patches=True)
+    expected_tokens, expected = full_recompute.generate_dpar(model, labels, entropy_model=entropy_model,
+                                                             threshold=float("inf"), max_patch_size=2,
+                                                             temperature=0.0)
+    assert torch.equal(tokens, expected_tokens)
+    assert torch.equal(patches.patch_lengths, expected.patch_lengths)
+    row = [2] * (config.grid_width // 2) + [1] * (config.grid_width % 2)
+    assert _per_image(patches) == [row * config.grid_height] * 2

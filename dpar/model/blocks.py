@@ -149,6 +149,17 @@ class PatchRefiner(nn.Module):
         cu_queries = dk.mark_validated(torch.arange(num_patches + 1, dtype=torch.int32, device=patches.device),
                                        num_patches, 1)
         attended = dk.varlen_attention(q, k, v, cu_queries, cu_tokens, 1, max_patch_length, causal=False)
+        return self._output(patches, attended)
+
+    def forward_padded(self, patches, tokens, lengths):
+        """forward for patches padded to L tokens (incremental decoding, no host read): patches [P, D], tokens
+        [P, L, D] (patch p's first lengths[p] rows count), lengths int32 [P] -> [P, D]."""
+        q = self.q(self.query_norm(patches)).unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = self.kv(self.token_norm(tokens)).unflatten(-1, (-1, self.head_dim)).chunk(2, dim=2)
+        attended = dk.kvcache_attention(q[:, None], k, v, lengths, causal=False)[:, 0]
+        return self._output(patches, attended)
+
+    def _output(self, patches, attended):
         patches = patches + self.out(attended.flatten(1))
         return patches + self.mlp(self.mlp_norm(patches))
 

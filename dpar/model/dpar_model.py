@@ -45,6 +45,11 @@ class DPAR(nn.Module):
         pooled = dk.patch_gather(token_states, cu_tokens, reduce="max")
         return self.refiner(pooled, token_states, cu_tokens, max_patch_length)
 
+    def embed_padded_patches(self, token_states: torch.Tensor, lengths: torch.Tensor):
+        """embed_patches for patches padded to L tokens by repeating their own tokens (incremental decoding):
+        token_states [P, L, D], lengths int32 [P] (real tokens of each) -> patch vectors [P, D]; no host read."""
+        return self.refiner.forward_padded(token_states.amax(1), token_states, lengths)
+
     def run_global(self, rows, positions, cu_seqlens=None, max_seqlen=None, cache=None):
         """Global rows [G, D] with (row, col_start, col_end) positions [G, 3] -> normed outputs [G, D]."""
         rope = self.patch_rope(positions, rows.dtype)

@@ -59,8 +59,8 @@ class EntropyModel(nn.Module):
     def step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """Appends one token per image (int64 [B]) -> float32 [B]: entropy of the prediction of the next."""
         x = self.embed(tokens)
-        index = cache.lengths.clone()
-        cache.begin(torch.ones_like(index))
+        index = cache.lengths.long()
+        cache.begin()
         x = self.layers(x, self.rope(grid_positions(index, self.config.grid_width), x.dtype), cache=cache)
         cache.commit()
         return dk.linear_entropy(self.norm(x), self.head.weight)

@@ -2,6 +2,10 @@
 
 Classifier-free guidance doubles the batch: rows [0, B) carry the labels, rows [B, 2B) the null class; both
 rows of a pair receive the same sampled token and share patch boundaries.
+
+Host reads: the baseline reads no tensor value per token; DPAR reads one small tensor per token (how many images
+start a patch and the longest such patch), so that the global step runs only when some image starts a patch and
+for those images only. Everything else, patch bookkeeping included, stays on the device.
 """
 import torch
 
@@ -51,7 +55,7 @@ def generate_baseline(model, class_labels, *, cfg_scale=1.0, temperature=1.0, to
     tokens = torch.empty(batch, length, dtype=torch.long, device=labels.device)
     inputs = model.class_embed(labels)
     for t in range(length):
-        cache.begin(torch.ones(rows, dtype=torch.long, device=labels.device))
+        cache.begin()
         logits = model.run(inputs, torch.full((rows,), t, device=labels.device), cache=cache)
         cache.commit()
         tokens[:, t] = _next_tokens(logits, batch, cfg_scale, sampling)
@@ -60,30 +64,39 @@ def generate_baseline(model, class_labels, *, cfg_scale=1.0, temperature=1.0, to
 
 
 class _OpenPatches:
-    """Tracks the patch each image is filling: start token, and the lengths of its finished patches."""
+    """Device bookkeeping of the patch each image is filling: its start token, and every patch start so far."""
 
-    def __init__(self, batch: int, max_patch_size: int, grid_width: int, device):
+    def __init__(self, batch: int, length: int, max_patch_size: int, grid_width: int, device):
         self.start = torch.zeros(batch, dtype=torch.long, device=device)
-        self.finished = [[] for _ in range(batch)]
+        self.boundary = torch.zeros(batch, length, dtype=torch.bool, device=device)  # token t starts a patch
+        self.boundary[:, 0] = True
         self.max_patch_size, self.grid_width = max_patch_size, grid_width
 
     def starts_at(self, t: int, previous_entropy: torch.Tensor, threshold) -> torch.Tensor:
-        """bool [B]: token t starts a new patch (same rules as dk.entropy_patch_lengths)."""
+        """bool [B]: token t starts a new patch (same rules as dk.entropy_patch_lengths); previous_entropy None
+        when every threshold is +inf (fixed-size patches)."""
         if t % self.grid_width == 0:
             return torch.ones_like(self.start, dtype=torch.bool)
-        return (previous_entropy.double() > threshold) | (t - self.start == self.max_patch_size)
+        full = t - self.start == self.max_patch_size
+        return full if previous_entropy is None else (previous_entropy.double() > threshold) | full
 
-    def close(self, images: torch.Tensor, t: int) -> None:
-        """Ends the open patch of ``images`` before token t and opens one at t."""
-        for b, start in zip(images.tolist(), self.start[images].tolist()):
-            self.finished[b].append(t - start)
-        self.start[images] = t
+    def summary(self, starting: torch.Tensor, t: int) -> tuple[int, int]:
+        """The step's one host read: (images starting a patch at t, longest patch they close)."""
+        count, longest = torch.stack([starting.sum(), torch.where(starting, t - self.start, 0).amax()]).tolist()
+        return count, longest
+
+    def close(self, starting: torch.Tensor, t: int) -> None:
+        """Ends the open patch of the ``starting`` images before token t and opens one at t."""
+        self.start = torch.where(starting, t, self.start)
+        self.boundary[:, t] = starting
 
     def patch_batch(self) -> PatchBatch:
-        lengths = torch.tensor([n for image in self.finished for n in image], dtype=torch.int32)
-        counts = torch.tensor([len(image) for image in self.finished], dtype=torch.int32)
-        cu = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])
-        return PatchBatch.from_lengths(lengths, cu, self.grid_width).to(self.start.device)
+        """The PatchBatch of every patch (read once, after the last token)."""
+        firsts = self.boundary.reshape(-1).nonzero().squeeze(1)
+        lengths = torch.diff(firsts, append=firsts.new_full((1,), self.boundary.numel()))
+        counts = self.boundary.sum(1)
+        cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return PatchBatch.from_lengths(lengths, cu, self.grid_width)
 
 
 def _thresholds(threshold, batch: int, device) -> torch.Tensor:
@@ -115,30 +128,31 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     rows, length, device = labels.numel(), c.tokens_per_image, labels.device
     batch = rows if cfg_scale == 1.0 else rows // 2
     thresholds = _thresholds(threshold, batch, device)
+    entropy_needed = bool((thresholds < float("inf")).any())  # all +inf: fixed-size patches, no entropy model
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     encoder_cache = _cache(model, c.encoder_layers, rows, length)
     global_cache = _cache(model, c.global_layers, rows, length + 1)
     decoder_cache = _cache(model, c.decoder_layers, rows, length)
     entropy_cache = entropy_model.new_cache(batch, device, entropy_model.head.weight.dtype)
-    all_rows = torch.ones(rows, dtype=torch.long, device=device)
 
-    global_cache.begin(all_rows)
+    global_cache.begin()
     class_out = model.run_global(model.class_embed(labels), torch.zeros(rows, 3, dtype=torch.long, device=device),
                                  cache=global_cache)
     global_cache.commit()
     condition = model.decoder_condition(class_out)  # [rows, layers*D]: condition of each row's open patch
     states = torch.empty(rows, length, c.width, dtype=condition.dtype, device=device)  # encoder outputs
     tokens = torch.empty(batch, length, dtype=torch.long, device=device)
-    patches = _OpenPatches(batch, max_patch_size, c.grid_width, device)
+    patches = _OpenPatches(batch, length, max_patch_size, c.grid_width, device)
     entropy = None
     for t in range(length):
         if t > 0:
-            images = patches.starts_at(t, entropy, thresholds).nonzero().squeeze(1)
-            if images.numel():
-                _append_patches(model, global_cache, condition, states, images, patches.start[images], t, batch,
-                                rows)
-                patches.close(images, t)
-        decoder_cache.begin(all_rows)
+            starting = patches.starts_at(t, entropy, thresholds)
+            count, longest = patches.summary(starting, t)
+            if count:
+                _append_patches(model, global_cache, condition, states, starting, patches.start, count, longest, t,
+                                batch, rows)
+                patches.close(starting, t)
+        decoder_cache.begin()
         previous = model.decoder_start.expand(rows, -1).to(states.dtype) if t == 0 else states[:, t - 1]
         positions = grid_positions(torch.full((rows,), t, device=device), c.grid_width)
         rope = model.token_rope(positions, states.dtype)
@@ -146,32 +160,33 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
         decoder_cache.commit()
         tokens[:, t] = _next_tokens(logits, batch, cfg_scale, sampling)
 
-        encoder_cache.begin(all_rows)
+        encoder_cache.begin()
         embedded = model.token_embed(_repeat_rows(tokens[:, t], rows))
         states[:, t] = model.encoder(embedded, rope, cache=encoder_cache)
         encoder_cache.commit()
-        if t + 1 < length:
+        if entropy_needed and t + 1 < length:
             entropy = entropy_model.step(entropy_cache, tokens[:, t])
-    patches.close(torch.arange(batch, device=device), length)
     return tokens, patches.patch_batch()
 
 
-def _append_patches(model, global_cache, condition, states, images, starts, t: int, batch: int, rows: int):
-    """Embeds the patches [starts, t) of ``images`` (and their CFG twins), runs one cached global step for
-    those rows and stores the new decoder conditions in ``condition`` (in place)."""
+def _append_patches(model, global_cache, condition, states, starting, start, count: int, longest: int, t: int,
+                    batch: int, rows: int):
+    """Embeds the patches [start, t) of the ``count`` images that start a patch at t (and their CFG twins), runs
+    one cached global step for those rows and stores their new decoder conditions in ``condition`` (in place).
+    Patches are padded to ``longest`` tokens by repeating their last token; no host read."""
+    images = torch.nonzero_static(starting, size=count).squeeze(1)
     row_ids = images if rows == batch else torch.cat([images, images + batch])
-    starts = _repeat_rows(starts, row_ids.numel())
+    starts = _repeat_rows(start.index_select(0, images), row_ids.numel())
     lengths = t - starts
-    cu_tokens = torch.zeros(row_ids.numel() + 1, dtype=torch.int32, device=states.device)
-    cu_tokens[1:] = lengths.cumsum(0)
-    owner = torch.repeat_interleave(torch.arange(row_ids.numel(), device=states.device), lengths)
-    token = starts[owner] + torch.arange(owner.numel(), device=states.device) - (cu_tokens[:-1].long())[owner]
-    vectors = model.embed_patches(states[row_ids[owner], token], cu_tokens, int(lengths.max()))
+    token = (starts[:, None] + torch.arange(longest, device=states.device)).clamp(max=t - 1)  # [n, longest]
+    vectors = model.embed_padded_patches(states[row_ids[:, None], token], lengths.to(torch.int32))
     grid_width = model.config.grid_width
     positions = torch.stack([starts // grid_width, starts % grid_width, starts % grid_width + lengths - 1], dim=1)
-    counts = torch.zeros(rows, dtype=torch.long, device=states.device)
-    counts[row_ids] = 1
-    global_cache.begin(counts)
+    every_row = count == batch  # then row_ids is arange(rows): a whole-batch step, nothing to scatter
+    global_cache.begin(None if every_row else row_ids)
     out = model.run_global(vectors, positions, cache=global_cache)
     global_cache.commit()
-    condition[row_ids] = model.decoder_condition(out)
+    if every_row:
+        condition.copy_(model.decoder_condition(out))
+    else:
+        condition[row_ids] = model.decoder_condition(out)

@@ -1,9 +1,9 @@
-"""Per-layer KV cache for batched incremental decoding with dk.varlen_attention (no copies, no padding math).
+"""Per-layer KV cache for batched incremental decoding with dk.kvcache_attention (no host reads).
 
-Sequence b owns slots [b * capacity, (b + 1) * capacity) of a flat buffer. Each attention call packs the live
-keys of every sequence by describing the unused tail of each slot as an extra key sequence with zero queries,
-so the buffer is passed as is: cu_seqlens_k = [0, len_0, cap, cap + len_1, 2 cap, ...]. New queries are
-bottom-right aligned (causal=True), so they see the whole cache plus the new tokens before them.
+Each step appends one token to every row, or to a chosen subset of rows (the global step of the images that start
+a patch). A subset step runs the attention over every row with the new keys scattered into place: the rows that
+do not append write a key at their current length, which stays invisible (their length does not move) and is
+overwritten by their next real append. Appends past the capacity are dropped by the kernel, never written.
 """
 import torch
 
@@ -11,42 +11,41 @@ import dpar_kernels as dk
 
 
 class KVCache:
-    """Keys/values [layers, batch * capacity, kv_heads, head_dim]; lengths int64 [batch] (tokens cached)."""
+    """Keys/values [layers, rows, capacity, kv_heads, head_dim]; lengths int32 [rows] (tokens cached)."""
 
     def __init__(self, layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (layers, batch * capacity, kv_heads, head_dim)
+        shape = (layers, batch, capacity, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.capacity = batch, capacity
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self._step = None
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._rows = None
+        self._step_open = False
 
-    def begin(self, counts: torch.Tensor) -> None:
-        """Prepares a step that appends counts[b] >= 0 tokens (int64 [batch]) to sequence b, in packed order."""
-        counts = counts.to(device=self.lengths.device, dtype=torch.long)
-        new_lengths = self.lengths + counts
-        if bool((new_lengths > self.capacity).any()):
-            raise ValueError(f"KV cache overflow: capacity {self.capacity} per sequence")
-        base = torch.arange(self.batch, device=counts.device) * self.capacity
-        cu_q_real = torch.cumsum(counts, 0) - counts  # offset of each sequence's new tokens in the packed step
-        batch_of = torch.repeat_interleave(torch.arange(self.batch, device=counts.device), counts)
-        within = torch.arange(batch_of.numel(), device=counts.device) - cu_q_real[batch_of]
-        slots = base[batch_of] + self.lengths[batch_of] + within
-        cu_k = torch.stack([base + new_lengths, base + self.capacity], dim=1).reshape(-1)
-        cu_q = torch.stack([cu_q_real + counts, cu_q_real + counts], dim=1).reshape(-1)
-        zero = torch.zeros(1, dtype=torch.int32, device=counts.device)
-        self._step = (slots, torch.cat([zero, cu_q.to(torch.int32)]), torch.cat([zero, cu_k.to(torch.int32)]),
-                      int(counts.max()) if counts.numel() else 0, new_lengths)
+    def begin(self, rows: torch.Tensor | None = None) -> None:
+        """Prepares a step appending one token to each of ``rows`` (int64 [n] row indices, distinct, in the
+        order of the step's queries), or to every row when None."""
+        self._rows, self._step_open = rows, True
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [n, Hq, d], k/v [n, Hk, d]: the new tokens of this step -> attention output [n, Hq, d]."""
-        slots, cu_q, cu_k, max_q, _ = self._step
-        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
-        return dk.varlen_attention(q, self.k[layer], self.v[layer], cu_q, cu_k, max_q, self.capacity, causal=True)
+        if self._rows is not None:
+            q, k, v = (self._scatter(t) for t in (q, k, v))
+        out = dk.kvcache_attention(q[:, None], self.k[layer], self.v[layer], self.lengths,
+                                   k[:, None].to(self.k.dtype), v[:, None].to(self.v.dtype))[:, 0]
+        return out if self._rows is None else out.index_select(0, self._rows)
+
+    def _scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, ...] rows of the step -> [batch, ...] with zeros for the rows that do not append."""
+        return x.new_zeros(self.batch, *x.shape[1:]).index_copy_(0, self._rows, x)
 
     def commit(self) -> None:
         """Ends the step begun by begin(): the appended tokens become part of the cache."""
-        self.lengths = self._step[4]
-        self._step = None
+        if not self._step_open:
+            raise RuntimeError("KVCache.commit() without begin()")
+        if self._rows is None:
+            self.lengths += 1
+        else:
+            self.lengths.index_add_(0, self._rows, torch.ones_like(self._rows, dtype=torch.int32))
+        self._rows, self._step_open = None, False

@@ -4,7 +4,7 @@ import torch
 from .._autocast import cast_for_autocast, register_lower_precision
 from .._checks import check_float, check_same_device, check_temperature
 from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import extension_op, lazy, reject_grad
+from .._ops import direct_call_ok, extension_op, lazy, reject_grad
 from . import cpu_linear, naive
 
 _TOKEN_ENTROPY = {
@@ -21,9 +21,13 @@ _LINEAR_ENTROPY = {
 }
 
 
+def _token_entropy(logits: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    return _TOKEN_ENTROPY[backend](logits, temperature).to(torch.float32)
+
+
 @torch.library.custom_op("dpar::token_entropy", mutates_args=())
 def _token_entropy_op(logits: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    return _TOKEN_ENTROPY[backend](logits, temperature).to(torch.float32)
+    return _token_entropy(logits, temperature, backend)
 
 
 @_token_entropy_op.register_fake
@@ -67,7 +71,8 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    return _token_entropy_op(rows, float(temperature), backend).reshape(lead)
+    run = _token_entropy if direct_call_ok(rows) else _token_entropy_op
+    return run(rows, float(temperature), backend).reshape(lead)
 
 
 def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

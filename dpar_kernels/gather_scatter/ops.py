@@ -8,7 +8,7 @@ import torch
 
 from .._checks import check_cu_seqlens, check_float, check_index, check_tensor
 from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import extension_op, lazy
+from .._ops import direct_call_ok, extension_op, lazy
 from . import naive
 
 REDUCTIONS = ("max", "sum", "mean")
@@ -125,6 +125,8 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
     backend = resolve_backend("patch_gather", backend, x.device, supported_for_dtype(tuple(_GATHER), x.dtype))
+    if direct_call_ok(x, cu_tokens):  # no gradient: no arg-max either
+        return _GATHER[backend](x, cu_tokens, reduce, False)[0]
     with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
     return _gather_op(x, cu_tokens.contiguous(), reduce, with_argmax, backend)[0]
 

@@ -1,0 +1,3 @@
+from .ops import kvcache_attention
+
+__all__ = ["kvcache_attention"]

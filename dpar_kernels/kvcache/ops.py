@@ -1,0 +1,106 @@
+"""Public KV-cache attention for incremental decoding (flash-attn's flash_attn_with_kvcache layout).
+
+One custom op dpar::kvcache_attention that mutates k_cache and v_cache when new keys are given. Forward only.
+No backend reads cache_seqlens on the host; every kernel clamps it (see naive.py for the exact semantics).
+"""
+import math
+
+import torch
+
+from .._checks import check_float, check_same_device, check_tensor
+from .._dispatch import resolve_backend, supported_for_dtype
+from .._ops import direct_call_ok, extension_op, lazy, reject_grad
+from . import naive
+
+_FORWARD = {
+    "torch": naive.kvcache_attention,
+    "cpu": extension_op("kvcache_attention"),
+    "cuda": extension_op("kvcache_attention"),
+    "triton": lazy(".kvcache.triton_kernels", "kvcache_attention"),
+}
+KERNEL_MAX_HEAD_DIM = 256  # triton and cuda kernels; torch/cpu take any
+
+
+@torch.library.custom_op("dpar::kvcache_attention", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                k: torch.Tensor | None, v: torch.Tensor | None, softmax_scale: float, causal: bool,
+                backend: str) -> torch.Tensor:
+    return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal)
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _check(q, k_cache, v_cache, cache_seqlens, k, v) -> torch.device:
+    check_float("q", q, ndim=4)
+    check_float("k_cache", k_cache, ndim=4)
+    check_float("v_cache", v_cache, ndim=4)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or both None)")
+    if k is not None:
+        check_float("k", k, ndim=4)
+        check_float("v", v, ndim=4)
+    device = check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None and t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache must be [B={batch}, S_max, Hk, d={head_dim}], got {tuple(k_cache.shape)}")
+    heads_kv = k_cache.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of k_cache's heads ({heads_kv})")
+    if k is not None:
+        expected = (batch, seqlen_q, heads_kv, head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name} must be [B, Sq, Hk, d] = {expected}, got {tuple(t.shape)}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {str(cache_seqlens.dtype).replace('torch.', '')}")
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have B={batch} entries, got {cache_seqlens.shape[0]}")
+    return device
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                      k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+                      softmax_scale: float | None = None, causal: bool = True,
+                      backend: str | None = None) -> torch.Tensor:
+    """Attention of new queries over a preallocated KV cache (flash_attn_with_kvcache layout).
+
+    q [B, Sq, Hq, d]; k_cache, v_cache [B, S_max, Hk, d] with Hq % Hk == 0 (updated in place when k, v are
+    given); cache_seqlens int32 [B] on the data's device: keys already cached per row (never read on the host,
+    never changed). k, v [B, Sq, Hk, d] (optional) are written at positions [cache_seqlens[b], +Sq) before
+    attending; positions at or past S_max are dropped. causal: query i of row b sees keys
+    [0, cache_seqlens[b] + i] (with k) / [0, cache_seqlens[b] - Sq + i] (without), clamped to S_max.
+    Same float dtype everywhere (fp32/fp16/bf16; fp64 on torch/cpu); the caches need a contiguous last dim.
+    Returns out [B, Sq, Hq, d] in q's dtype; a query that sees no key gets 0. Forward only.
+    """
+    device = _check(q, k_cache, v_cache, cache_seqlens, k, v)
+    reject_grad("kvcache_attention", q=q, k=k, v=v)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (it is updated in place)")
+    if q.dtype == torch.float64 and backend in ("triton", "cuda"):
+        raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 tensors, got float64 "
+                        f"(the torch and cpu backends take float64)")
+    fits = q.shape[3] <= KERNEL_MAX_HEAD_DIM
+    supported = supported_for_dtype(tuple(_FORWARD) if fits else ("torch", "cpu"), q.dtype)
+    if backend in ("triton", "cuda") and not fits:
+        raise ValueError(f"head dim {q.shape[3]} is above {KERNEL_MAX_HEAD_DIM}, the limit of backend {backend!r}")
+    backend = resolve_backend("kvcache_attention", backend, device, supported)
+    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
+        return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
+    return _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal), backend)
