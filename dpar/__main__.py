@@ -8,6 +8,7 @@ COMMANDS = {
     "sample": ("sample", "sample class-conditional image grids and entropy / patch maps to PNG"),
     "evaluate": ("evaluate", "reduction, held-out NLL, FLOPs to a target loss, FID"),
     "demo": ("demo", "the whole pipeline on photos shipped with scikit-image, with a markdown report"),
+    "ablate": ("ablate", "DPAR vs static patches vs the baseline at equal training FLOPs, with held-out curves"),
 }
 
 
