@@ -34,8 +34,11 @@ def test_schema_and_runs(ablation):
     assert tokens["baseline"] == tokens["dpar-one-token"] == 16
     assert tokens["dpar-entropy"] < 16 and abs(tokens["dpar-static"] - tokens["dpar-entropy"]) <= 0.5
     assert {"16x16", "4x4"} & set(result["resolution_reduction"]) == {"4x4"}
-    sizes = {(row["max_patch_size"], row["threshold_scale"]) for row in result["patch_size_tolerance"]}
-    assert sizes == {(s, t) for s in (4, 6, 8) for t in (1.0, 1.25, 1.5)}
+    rows = result["patch_size_tolerance"]
+    assert {(row["max_patch_size"], row["threshold_raise"]) for row in rows} == {
+        (s, t) for s in (4, 6, 8) for t in ablate.EVAL_THRESHOLD_RAISES}
+    steps = {(row["max_patch_size"], row["threshold_raise"]): row["global_steps_per_image"] for row in rows}
+    assert steps[8, 2 / 3] <= steps[4, 2 / 3] <= steps[4, 0.0]  # bigger patches, fewer global steps
     shares = result["patch_size_histogram"]["entropy"]
     assert abs(sum(shares.values()) - 1) < 1e-9 and max(int(n) for n in shares) <= 4
 
