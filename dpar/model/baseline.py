@@ -41,8 +41,8 @@ class LlamaGenBaseline(nn.Module):
         # the last token predicts nothing, so the sequence is [class, token_0 .. token_{T-2}]
         rows = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1)
         index = torch.arange(length, device=tokens.device).repeat(batch)
-        return self.run(self.token_dropout(rows.reshape(batch * length, -1)), index, dense_cu_seqlens(batch, length, tokens.device),
-                        length)
+        rows = self.token_dropout(rows.reshape(batch * length, -1))
+        return self.run(rows, index, dense_cu_seqlens(batch, length, tokens.device), length)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, patches=None) -> torch.Tensor:
         logits = self.forward(tokens, labels)
