@@ -12,6 +12,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "reduction, held-out NLL, FLOPs to a target loss, FID"),
     "extract-codes": ("extract_codes", "encode an ImageFolder tree into a token dataset with a LlamaGen VQ-16"),
     "demo": ("demo", "the whole pipeline on photos shipped with scikit-image, with a markdown report"),
+    "ablate": ("ablate", "DPAR vs static patches vs the baseline at equal training FLOPs, with held-out curves"),
 }
 
 

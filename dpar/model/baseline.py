@@ -19,7 +19,10 @@ class LlamaGenBaseline(nn.Module):
         self.layers = stack_from(c, c.total_layers)
         self.norm = RMSNorm(c.width, c.norm_eps)
         self.head = nn.Linear(c.width, c.vocab_size, bias=False)
+        self.token_dropout = nn.Dropout(c.token_dropout)  # on the input rows (training only)
         init_weights(self, c.init_std)
+        if c.zero_init_head:
+            nn.init.zeros_(self.head.weight)
 
     def positions(self, sequence_index: torch.Tensor) -> torch.Tensor:
         """Index in [class, token_0, ...] -> (row, col) [N, 2]; the class token (index 0) gets (0, 0)."""
@@ -38,8 +41,8 @@ class LlamaGenBaseline(nn.Module):
         # the last token predicts nothing, so the sequence is [class, token_0 .. token_{T-2}]
         rows = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1)
         index = torch.arange(length, device=tokens.device).repeat(batch)
-        return self.run(rows.reshape(batch * length, -1), index, dense_cu_seqlens(batch, length, tokens.device),
-                        length)
+        rows = self.token_dropout(rows.reshape(batch * length, -1))
+        return self.run(rows, index, dense_cu_seqlens(batch, length, tokens.device), length)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, patches=None) -> torch.Tensor:
         logits = self.forward(tokens, labels)

@@ -37,13 +37,18 @@ class AxialRope(nn.Module):
     """RoPE over several position axes: the head_dim/2 rotary pairs are split into one group per axis.
 
     2 axes (row, col) give the 2D token-grid RoPE; 3 axes (row, col_start, col_end) give the patch RoPE.
+    ``shares`` (one int per axis, default equal) split the pairs in proportion, the remainder going to the first
+    axes: shares (2, 1, 1) give the row half of the pairs and each column axis a quarter.
     Position 0 on every axis is the identity rotation (used for the class token, as in LlamaGen).
     """
 
-    def __init__(self, head_dim: int, axes: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, axes: int, base: float = 10000.0, shares: tuple[int, ...] | None = None):
         super().__init__()
-        pairs = head_dim // 2
-        sizes = [pairs // axes + (1 if a < pairs % axes else 0) for a in range(axes)]
+        pairs, shares = head_dim // 2, shares or (1,) * axes
+        if len(shares) != axes or min(shares) < 1:
+            raise ValueError(f"shares must be {axes} positive ints, got {shares}")
+        sizes = [pairs * share // sum(shares) for share in shares]
+        sizes = [n + (1 if a < pairs - sum(sizes) else 0) for a, n in enumerate(sizes)]
         if min(sizes) < 1:
             raise ValueError(f"head_dim {head_dim} has too few rotary pairs for {axes} axes")
         self.sizes, self.base, self.axes = sizes, base, axes
@@ -97,25 +102,30 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm x), then + mlp(norm x)."""
+    """Pre-norm transformer block: x + drop(attn(norm x)), then + drop(mlp(norm x)) (LlamaGen's resid_dropout and
+    ffn_dropout; identity at 0 and in eval mode)."""
 
-    def __init__(self, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float):
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float,
+                 resid_dropout: float = 0.0, ffn_dropout: float = 0.0):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(width, eps), RMSNorm(width, eps)
         self.attn = Attention(width, num_heads, num_kv_heads)
         self.mlp = SwiGLU(width, mlp_hidden)
+        self.resid_dropout, self.ffn_dropout = nn.Dropout(resid_dropout), nn.Dropout(ffn_dropout)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, cache))
+        return x + self.ffn_dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Stack(nn.Module):
     """``layers`` Blocks applied in order; layer i uses KV-cache layer ``cache_offset + i``."""
 
-    def __init__(self, layers: int, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float):
+    def __init__(self, layers: int, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float,
+                 resid_dropout: float = 0.0, ffn_dropout: float = 0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, num_heads, num_kv_heads, mlp_hidden, eps) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, num_heads, num_kv_heads, mlp_hidden, eps, resid_dropout, ffn_dropout)
+                                    for _ in range(layers))
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
         for i, block in enumerate(self.blocks):
@@ -124,23 +134,33 @@ class Stack(nn.Module):
 
 
 def stack_from(config, layers: int) -> Stack:
-    return Stack(layers, config.width, config.num_heads, config.num_kv_heads, config.mlp_hidden, config.norm_eps)
+    """A Stack sized by ``config`` (dropouts from its resid_dropout / ffn_dropout where it has them)."""
+    return Stack(layers, config.width, config.num_heads, config.num_kv_heads, config.mlp_hidden, config.norm_eps,
+                 *dropouts_of(config))
+
+
+def dropouts_of(config) -> tuple[float, float]:
+    """(resid_dropout, ffn_dropout) of a config; 0 for configs without them (the entropy model's)."""
+    return getattr(config, "resid_dropout", 0.0), getattr(config, "ffn_dropout", 0.0)
 
 
 class PatchRefiner(nn.Module):
-    """Refines each patch's initial vector by cross-attention to its own tokens, then an MLP.
+    """Refines each patch's initial vector by cross-attention to its own tokens, then (``mlp``) a SwiGLU MLP;
+    both residual branches pass ``resid_dropout`` / ``ffn_dropout``.
 
     patches [P, D] (one query per patch), tokens [N, D] packed, cu_tokens int32 [P+1] -> [P, D].
     """
 
-    def __init__(self, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float):
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, eps: float, mlp: bool = True,
+                 resid_dropout: float = 0.0, ffn_dropout: float = 0.0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, width // num_heads
-        self.query_norm, self.token_norm, self.mlp_norm = (RMSNorm(width, eps) for _ in range(3))
+        self.query_norm, self.token_norm = RMSNorm(width, eps), RMSNorm(width, eps)
         self.q = nn.Linear(width, num_heads * self.head_dim, bias=False)
         self.kv = nn.Linear(width, 2 * num_kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(num_heads * self.head_dim, width, bias=False)
-        self.mlp = SwiGLU(width, mlp_hidden)
+        self.resid_dropout, self.ffn_dropout = nn.Dropout(resid_dropout), nn.Dropout(ffn_dropout)
+        self.mlp_norm, self.mlp = (RMSNorm(width, eps), SwiGLU(width, mlp_hidden)) if mlp else (None, None)
 
     def forward(self, patches, tokens, cu_tokens, max_patch_length: int):
         num_patches = patches.shape[0]
@@ -160,8 +180,10 @@ class PatchRefiner(nn.Module):
         return self._output(patches, attended)
 
     def _output(self, patches, attended):
-        patches = patches + self.out(attended.flatten(1))
-        return patches + self.mlp(self.mlp_norm(patches))
+        patches = patches + self.resid_dropout(self.out(attended.flatten(1)))
+        if self.mlp is None:
+            return patches
+        return patches + self.ffn_dropout(self.mlp(self.mlp_norm(patches)))
 
 
 def init_weights(module: nn.Module, std: float) -> None:

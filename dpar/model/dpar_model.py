@@ -12,8 +12,9 @@ from torch import nn
 
 import dpar_kernels as dk
 
-from .blocks import (AxialRope, Block, PatchRefiner, RMSNorm, dense_cu_seqlens, grid_positions, init_weights,
-                     stack_from)
+from .blocks import (AxialRope, Block, PatchRefiner, RMSNorm, dense_cu_seqlens, dropouts_of, grid_positions,
+                     init_weights, stack_from)
+from .config import PATCH_ROPE_SPLITS
 from .conditioning import ClassEmbedding, check_tokens_labels
 from .patcher import PatchBatch
 
@@ -25,19 +26,23 @@ class DPAR(nn.Module):
         self.token_embed = nn.Embedding(c.vocab_size, c.width)
         self.class_embed = ClassEmbedding(c.num_classes, c.width, c.class_dropout)
         self.token_rope = AxialRope(c.head_dim, 2, c.rope_base)
-        self.patch_rope = AxialRope(c.head_dim, 3, c.rope_base)
+        self.patch_rope = AxialRope(c.head_dim, 3, c.rope_base, PATCH_ROPE_SPLITS[c.patch_rope_split])
         self.encoder = stack_from(c, c.encoder_layers)
-        self.refiner = PatchRefiner(c.width, c.num_heads, c.num_kv_heads, c.mlp_hidden, c.norm_eps)
+        self.refiner = PatchRefiner(c.width, c.num_heads, c.num_kv_heads, c.mlp_hidden, c.norm_eps, c.refiner_mlp,
+                                    *dropouts_of(c))
+        self.token_dropout = nn.Dropout(c.token_dropout)  # on the global input rows (training only)
         self.global_stack = stack_from(c, c.global_layers)
         self.global_norm = RMSNorm(c.width, c.norm_eps)
         self.decoder_start = nn.Parameter(torch.zeros(c.width))
         self.decoder_condition = nn.Linear(c.width, c.decoder_layers * c.width, bias=False)
-        self.decoder = nn.ModuleList(Block(c.width, c.num_heads, c.num_kv_heads, c.mlp_hidden, c.norm_eps)
-                                     for _ in range(c.decoder_layers))
+        self.decoder = nn.ModuleList(Block(c.width, c.num_heads, c.num_kv_heads, c.mlp_hidden, c.norm_eps,
+                                           *dropouts_of(c)) for _ in range(c.decoder_layers))
         self.norm = RMSNorm(c.width, c.norm_eps)
         self.head = nn.Linear(c.width, c.vocab_size, bias=False)
         init_weights(self, c.init_std)
         nn.init.normal_(self.decoder_start, std=c.init_std)
+        if c.zero_init_head:
+            nn.init.zeros_(self.head.weight)
 
     # pieces shared by training and generation
     def embed_patches(self, token_states: torch.Tensor, cu_tokens: torch.Tensor, max_patch_length: int):
@@ -87,7 +92,7 @@ class DPAR(nn.Module):
         rows = rows.index_copy(0, class_rows, self.class_embed(labels)).index_copy(0, patch_rows, patch_vectors)
         positions = torch.zeros(rows.shape[0], 3, dtype=torch.long, device=x.device)
         positions[patch_rows] = patches.positions.long()
-        global_out = self.run_global(rows, positions, patches.cu_global, patches.max_global_length)
+        global_out = self.run_global(self.token_dropout(rows), positions, patches.cu_global, patches.max_global_length)
         before_patch = global_out.index_select(0, patch_rows - 1)  # output that has seen patches < p
         condition = dk.patch_scatter(self.decoder_condition(before_patch), patches.cu_tokens,
                                      total_tokens=batch * length)

@@ -66,7 +66,7 @@ def dpar_training_flops(config, patches) -> dict:
     tally.linear("patch_embed", num_patches, c.width, inner)
     tally.linear("patch_embed", tokens, c.width, 2 * kv_inner)
     tally.linear("patch_embed", num_patches, inner, c.width)
-    for _ in range(3):
+    for _ in range(3 if c.refiner_mlp else 0):  # the refiner's SwiGLU
         tally.linear("patch_embed", num_patches, c.width, c.mlp_hidden)
     tally.attention("patch_embed", c.num_heads, c.head_dim, tokens)  # each patch query sees its own tokens
     global_cu = patches.cu_global.cpu()

@@ -1,114 +1,77 @@
 """`dpar demo`: the whole DPAR pipeline on photographs shipped with scikit-image, on CPU in a few minutes.
 
 Random crops of the photos (class = source photo) -> palette tokenizer -> token datasets (train / held-out) ->
-entropy model -> patches at a target reduction -> DPAR and the LlamaGen baseline (same data, steps, seed) ->
-report.md (tokens per image, reduction, training FLOPs per step, measured step time, held-out loss), sample grids
-and an entropy / patch map. Every number in the report is computed by this run.
+entropy model -> patches at a target reduction -> the LlamaGen baseline, DPAR with entropy patches and DPAR with
+static patches of the same count, each trained to the same training-FLOP budget (same data order and seed, a
+progress line every 25 steps) -> report.md (tokens per image, reduction, FLOPs, steps, time, held-out NLL),
+nll_vs_flops.png, sample grids and an entropy / patch map. Every number in the report is computed by this run.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
-from . import data, evaluate, objectives, patchify, sample, train
+from . import ablate, data, objectives, sample, train
 from .builders import load_model
-from .tokenizer import PaletteTokenizer
 
-MODEL_OVERRIDES = ("num_heads=2", "num_kv_heads=2")  # the tiny presets with head_dim 32
-QUICK = dict(train_images=48, val_images=16, image_size=16, grid=4, colors=16, steps=2, entropy_steps=2,
-             batch_size=8, samples_per_class=1, lr=1e-3)
-
-
-def _train(kind: str, data_dir: str, out: str, steps: int, batch_size: int, seed: int, lr: float,
-           extra: list[str]):
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    argv = [kind, "--data", data_dir, "--out", out, "--steps", str(steps), "--batch-size", str(batch_size),
-            "--seed", str(seed), "--lr", str(lr), "--quiet", "--device", "cpu", "--override", *MODEL_OVERRIDES, *extra]
-    return train.train(parser.parse_args(argv))
-
-
-def _median_step_time(records: list[dict]) -> float:
-    times = [r["step_time"] for r in records[1:]] or [r["step_time"] for r in records]
-    return statistics.median(times)
+QUICK = dict(train_images=48, val_images=16, image_size=16, grid=4, colors=16, steps=3, entropy_steps=2,
+             batch_size=8, samples_per_class=1, lr=1e-3, points=2)
+RUNS = (("baseline", "LlamaGen baseline"), ("dpar-entropy", "DPAR, entropy patches"),
+        ("dpar-static", "DPAR, static patches"))
 
 
 def _markdown_table(rows: list[dict]) -> str:
-    header = ["model", "global tokens / image", "reduction", "train GFLOPs / step", "step time (s)",
-              "held-out NLL (nats/token)", "final train loss"]
+    header = ["model", "global tokens / image", "reduction", "train GFLOPs / step", "steps", "train FLOPs",
+              "train time (s)", "held-out NLL (nats/token)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append(f"| {row['model']} | {row['tokens']:.2f} | {row['reduction']:.3f}x | {row['gflops']:.4f} | "
-                     f"{row['step_time']:.4f} | {row['heldout']:.4f} | {row['train_loss']:.4f} |")
+                     f"{row['steps']} | {row['train_flops']:.3e} | {row['seconds']:.0f} | {row['heldout']:.4f} |")
     return "\n".join(lines)
-
-
-def prepare_data(out: str, settings: dict, seed: int) -> PaletteTokenizer:
-    """Crops -> fitted tokenizer (out/tokenizer.safetensors) -> out/data/{train,val} token datasets."""
-    photos = data.load_embedded_photos()
-    images, labels = data.random_crops(photos, settings["train_images"] + settings["val_images"],
-                                       settings["image_size"], seed)
-    count = settings["train_images"]
-    tokenizer = PaletteTokenizer.fit(images[:count], settings["colors"], settings["grid"], seed=seed)
-    tokenizer.save(os.path.join(out, "tokenizer.safetensors"))
-    codes = tokenizer.encode(images)
-    for split, part in (("train", slice(0, count)), ("val", slice(count, None))):
-        data.write_token_dataset(os.path.join(out, "data", split), codes[part], labels[part],
-                                 tokenizer.vocab_size, len(photos))
-    return tokenizer
 
 
 def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 1.8) -> str:
     """Run the pipeline into ``out``; returns the markdown report (also written to out/report.md)."""
     os.makedirs(out, exist_ok=True)
-    tokenizer = prepare_data(out, settings, seed)
-    train_dir, val_dir = os.path.join(out, "data", "train"), os.path.join(out, "data", "val")
-    steps, batch = settings["steps"], settings["batch_size"]
-    entropy_dir = os.path.join(out, "entropy")
-    _train("entropy", train_dir, entropy_dir, settings["entropy_steps"], batch, seed, settings["lr"], [])
-    entropy_ckpt = os.path.join(entropy_dir, train.CHECKPOINT)
-    patches_path = os.path.join(out, "patches.pt")
-    table = patchify.patchify(train_dir, entropy_ckpt, patches_path, target_reduction=target_reduction)
-    lr = settings["lr"]
-    logs = {"dpar": _train("dpar", train_dir, os.path.join(out, "dpar"), steps, batch, seed, lr,
-                           ["--patches", patches_path]),
-            "baseline": _train("baseline", train_dir, os.path.join(out, "baseline"), steps, batch, seed, lr, [])}
-
-    val = data.TokenGridDataset(val_dir)
-    entropy_model, _ = load_model(entropy_ckpt, "entropy")
-    val_entropies = patchify.dataset_entropies(entropy_model, val)
-    val_table = patchify.PatchTable.from_entropies(val_entropies, table.threshold, table.max_patch_size,
-                                                   val.grid_width)
-    val_stats = evaluate.patch_statistics(val_table.patch_lengths, val_table.cu_patches, val.tokens_per_image)
-    rows = []
-    for kind in ("baseline", "dpar"):
-        model, _ = load_model(os.path.join(out, kind, train.CHECKPOINT), kind)
-        source = objectives.PatchSource(table=val_table) if kind == "dpar" else None
-        heldout = objectives.heldout_loss(objectives.LossModule(kind, model, val.grid_width), val, source, batch)
-        records = logs[kind]
-        tokens = val_stats["patches_per_image"] if kind == "dpar" else float(val.tokens_per_image)
-        rows.append({"model": "DPAR" if kind == "dpar" else "LlamaGen baseline", "tokens": tokens,
-                     "reduction": val.tokens_per_image / tokens,
-                     "gflops": statistics.mean(r["flops"] for r in records) / 1e9,
-                     "step_time": _median_step_time(records), "heldout": heldout, "train_loss": records[-1]["loss"]})
-        _sample_grid(model, kind, entropy_model, table.threshold, table.max_patch_size, tokenizer, val,
+    tokenizer, entropy_model, _, threshold, entropies, tables = ablate.prepare_patches(out, settings, seed,
+                                                                                        target_reduction)
+    train_dir = os.path.join(out, "data", "train")
+    val = data.TokenGridDataset(os.path.join(out, "data", "val"))
+    budget = settings["steps"] * ablate.baseline_step_flops(train_dir, settings["batch_size"])
+    common = (out, settings, seed, budget, train_dir, val)
+    runs = [ablate.budget_run("baseline", "baseline", "every token", *common),
+            ablate.budget_run("dpar-entropy", "dpar", "entropy", *common, tables["entropy"]),
+            ablate.budget_run("dpar-static", "dpar", "static", *common, tables["static"])]
+    ablate.plot_curves(runs, os.path.join(out, "nll_vs_flops.png"))
+    rows = [{"model": label, "tokens": run["heldout_global_tokens_per_image"],
+             "reduction": val.tokens_per_image / run["heldout_global_tokens_per_image"],
+             "gflops": run["flops_per_step"] / 1e9, "steps": run["steps"], "train_flops": run["train_flops"],
+             "seconds": run["seconds"], "heldout": run["final_nll"]} for (_, label), run in zip(RUNS, runs)]
+    val_table = tables["entropy"][1]
+    for kind, name in (("baseline", "baseline"), ("dpar", "dpar-entropy")):
+        model, _ = load_model(os.path.join(out, "runs", name, train.CHECKPOINT), kind)
+        _sample_grid(model, kind, entropy_model, threshold, val_table.max_patch_size, tokenizer, val,
                      settings["samples_per_class"], os.path.join(out, f"samples_{kind}.png"), seed)
     val_tokens, _ = objectives.load_batch(val, torch.arange(min(4, len(val))))
     sample.save_patch_map(tokenizer.decode(val_tokens.reshape(-1, val.grid_height, val.grid_width), 64),
-                          val_entropies[:len(val_tokens)], *val_table.batch(torch.arange(len(val_tokens))),
+                          entropies["val"][:len(val_tokens)], *val_table.batch(torch.arange(len(val_tokens))),
                           val.grid_width, os.path.join(out, "patch_map.png"))
+    train_table = tables["entropy"][0]
     report = "\n".join([
         "# DPAR demo", "",
-        f"{len(table)} training crops of {settings['image_size']}px from {val.num_classes} scikit-image photos, "
-        f"{val.grid_height}x{val.grid_width} tokens from a {tokenizer.vocab_size}-colour palette; {len(val)} "
-        f"held-out crops. Entropy threshold {table.threshold:.4f} nats (target reduction {target_reduction}x on "
-        f"the training set, got {table.reduction:.3f}x), max patch size {table.max_patch_size}. DPAR and the "
-        f"baseline: {steps} steps of batch {batch} at learning rate {lr}, same data order and seed.", "",
+        f"{len(train_table)} training crops of {settings['image_size']}px from {val.num_classes} scikit-image "
+        f"photos, {val.grid_height}x{val.grid_width} tokens from a {tokenizer.vocab_size}-colour palette; "
+        f"{len(val)} held-out crops. Entropy threshold {threshold:.4f} nats (target reduction {target_reduction}x "
+        f"on the training set, got {train_table.reduction:.3f}x), max patch size {train_table.max_patch_size}. "
+        f"Static patches: the same global tokens per image, content-independent. Every model trains to the same "
+        f"budget of {budget:.3e} training FLOPs ({settings['steps']} baseline steps of batch "
+        f"{settings['batch_size']}, lr {settings['lr']}), same data order and seed; held-out NLL at the end "
+        f"(curves in nll_vs_flops.png).", "",
         _markdown_table(rows), "",
-        "Files: samples_dpar.png, samples_baseline.png, patch_map.png (held-out crops), report.md.", ""])
+        "Files: nll_vs_flops.png, samples_dpar.png, samples_baseline.png, patch_map.png (held-out crops), "
+        "runs/ (checkpoints, logs), report.md.", ""])
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     return report
@@ -125,10 +88,11 @@ def _sample_grid(model, kind, entropy_model, threshold, max_patch_size, tokenize
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (report.md, PNGs, checkpoints, data)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of DPAR and the baseline")
-    parser.add_argument("--entropy-steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300,
+                        help="the training-FLOP budget of every model, in baseline steps")
+    parser.add_argument("--entropy-steps", type=int, default=300)
     parser.add_argument("--train-images", type=int, default=512)
-    parser.add_argument("--val-images", type=int, default=256)
+    parser.add_argument("--val-images", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32, help="crop size in pixels")
     parser.add_argument("--grid", type=int, default=16, help="token grid side")
     parser.add_argument("--colors", type=int, default=256, help="palette size (vocabulary)")
@@ -137,11 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="AdamW learning rate (the tiny demo models train at 1e-3; the paper's 1e-4 is for B/L/XL)")
     parser.add_argument("--samples-per-class", type=int, default=4)
     parser.add_argument("--target-reduction", type=float, default=1.8, help="global token reduction to aim for")
+    parser.add_argument("--points", type=int, default=5, help="held-out evaluations along each training run")
     parser.add_argument("--seed", type=int, default=0)
+    ablate.add_threads_argument(parser)
 
 
 def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
     names = ("train_images", "val_images", "image_size", "grid", "colors", "steps", "entropy_steps", "batch_size",
-             "samples_per_class", "lr")
+             "samples_per_class", "lr", "points")
     settings = dict(QUICK) if args.quick else {name: getattr(args, name) for name in names}
     print(run_demo(args.out, settings, args.seed, args.target_reduction))

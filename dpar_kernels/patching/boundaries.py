@@ -100,3 +100,30 @@ def patch_ids(patch_lengths: torch.Tensor, total: int) -> torch.Tensor:
             raise ValueError(f"patch_lengths sum to {int(patch_lengths.sum())}, not total={total}")
     ids = torch.arange(patch_lengths.numel(), device=patch_lengths.device, dtype=torch.int32)
     return torch.repeat_interleave(ids, patch_lengths.long(), output_size=total)
+
+
+def static_patch_lengths(num_images: int, *, grid_height: int, grid_width: int, patches_per_image: int,
+                         device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Content-independent patches (the static-patch baseline of DPAR's ablation): the same for every image.
+
+    The ``patches_per_image`` patches are spread over the grid_height rows as evenly as possible (row r gets
+    floor((r+1)P/H) - floor(rP/H)); inside a row of n patches, patch j covers columns
+    [floor(jW/n), floor((j+1)W/n)), so the lengths differ by at most one and no patch crosses a row.
+    Needs grid_height <= patches_per_image <= grid_height * grid_width.
+    Returns patch_lengths int32 [num_images * P] and cu_patches int32 [num_images + 1], as entropy_patch_lengths.
+    """
+    _check_int("num_images", num_images, 0)
+    _check_int("grid_height", grid_height, 1)
+    _check_int("grid_width", grid_width, 1)
+    _check_int("patches_per_image", patches_per_image, 1)
+    if not grid_height <= patches_per_image <= grid_height * grid_width:
+        raise ValueError(f"patches_per_image must be in [grid_height, grid_height * grid_width] = "
+                         f"[{grid_height}, {grid_height * grid_width}], got {patches_per_image}")
+    rows = torch.arange(grid_height + 1, device=device) * patches_per_image // grid_height
+    per_row = rows.diff()
+    row_start = torch.repeat_interleave(rows[:-1], per_row)
+    index_in_row = torch.arange(patches_per_image, device=device) - row_start
+    count = torch.repeat_interleave(per_row, per_row)
+    lengths = ((index_in_row + 1) * grid_width // count - index_in_row * grid_width // count).to(torch.int32)
+    cu_patches = (torch.arange(num_images + 1, device=device) * patches_per_image).to(torch.int32)
+    return lengths.repeat(num_images), cu_patches
