@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._checks import check_float, check_same_device, check_tensor
+from .._checks import check_finite, check_float, check_same_device, check_tensor
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import direct_call_ok, extension_op, lazy, reject_grad
 from . import naive
@@ -99,8 +99,9 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if backend in ("triton", "cuda") and not fits:
         raise ValueError(f"head dim {q.shape[3]} is above {KERNEL_MAX_HEAD_DIM}, the limit of backend {backend!r}")
     backend = resolve_backend("kvcache_attention", backend, device, supported)
-    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    cache_seqlens = cache_seqlens.contiguous()  # kernels read it as raw memory
     if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
         return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
     return _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal), backend)
