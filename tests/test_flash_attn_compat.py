@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, cpu_backends
+from test_kvcache import reference as kvcache_reference
 
 import dpar_kernels as dk
 from dpar_kernels import flash_attn_compat as fac
@@ -281,24 +282,6 @@ def test_available_backends_accepts_strings():
     assert "torch" in dk.available_backends("cpu")
 
 
-def _dense_kvcache_reference(q, k_cache, v_cache, seqlens, k, v, causal):
-    """float64 loop: write k/v at [seqlens[b], + Sq), then row b's query i sees keys [0, seqlens[b] + i] (causal)
-    or [0, seqlens[b] + Sq) -> (out [B, Sq, Hq, d], k_cache, v_cache after the write)."""
-    k_cache, v_cache = k_cache.double().clone(), v_cache.double().clone()
-    batch, sq, heads, dim = q.shape
-    group = heads // k_cache.shape[2]
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    for b in range(batch):
-        start = int(seqlens[b])
-        k_cache[b, start:start + sq], v_cache[b, start:start + sq] = k[b].double(), v[b].double()
-        for i in range(sq):
-            visible = start + (i + 1 if causal else sq)
-            keys = k_cache[b, :visible].repeat_interleave(group, dim=1)  # [S, Hq, d]
-            values = v_cache[b, :visible].repeat_interleave(group, dim=1)
-            scores = torch.einsum("hd,shd->hs", q[b, i].double(), keys) / dim ** 0.5
-            out[b, i] = torch.einsum("hs,shd->hd", scores.softmax(-1), values)
-    return out, k_cache, v_cache
-
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("causal", [False, True])
@@ -306,7 +289,7 @@ def test_kvcache_end_to_end_on_the_real_op(backend, causal, monkeypatch):
     monkeypatch.setenv("DPAR_BACKEND", backend)
     q, k_cache, v_cache, k, v = _cache()
     seqlens = torch.tensor([0, 9], dtype=torch.int32)
-    expected, expected_k, expected_v = _dense_kvcache_reference(q, k_cache, v_cache, seqlens, k, v, causal)
+    expected, expected_k, expected_v = kvcache_reference(q, k_cache, v_cache, seqlens, k, v, causal)
     out = fac.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=causal)
     assert_close(out, expected, torch.float32)
     assert_close(k_cache, expected_k, torch.float32)  # written in place, as flash-attn does

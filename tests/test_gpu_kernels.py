@@ -25,6 +25,7 @@ from test_attention_triton import _reference as attention_reference
 from test_entropy import reference as entropy_reference
 from test_gather_scatter import CASES as PATCH_CASES
 from test_gather_scatter import REDUCTIONS, packed_tokens, reference_gather
+from test_kvcache import reference as kvcache_reference
 
 import dpar_kernels as dk
 from benchmarks import padded_ops
@@ -257,3 +258,27 @@ def test_attention_gpu_more_sequences_than_a_grid_axis(backend, dtype):
     expected = padded_ops.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, 1, 4, causal=False)
     assert_close(out, expected, dtype)
 
+
+
+# ------------------------------------------------------------------------------------------------ kv-cache decoding
+
+
+@pytest.mark.parametrize("backend,dtype,d,sq", backend_dtypes(d={f"d{d}": d for d in (64, 128)},
+                                                              sq={"sq1": 1, "sq5": 5}))
+def test_kvcache_attention_gpu(backend, dtype, d, sq):
+    """Decode step with GQA 8/2, an empty row, a long row (several KV splits) and an overflowing length; the in-place
+    cache writes are checked too."""
+    s_max = sized(2048, 64)
+    q = torch.randn(4, sq, 8, d).to(dtype)
+    k_cache, v_cache = (torch.randn(4, s_max, 2, d).to(dtype) for _ in range(2))
+    k_new, v_new = (torch.randn(4, sq, 2, d).to(dtype) for _ in range(2))
+    seqlens = torch.tensor([0, 17, s_max - sq, s_max + 3], dtype=torch.int32)
+    kc, vc = on_device(k_cache), on_device(v_cache)
+    with poisoned():
+        out = dk.kvcache_attention(on_device(q), kc, vc, seqlens.to(DEVICE), on_device(k_new), on_device(v_new),
+                                   causal=True, backend=backend)
+    ref_out, ref_k, ref_v = kvcache_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out.cpu(), ref_out, dtype)
+    assert_close(kc.cpu(), ref_k, dtype)
+    assert_close(vc.cpu(), ref_v, dtype)
