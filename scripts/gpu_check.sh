@@ -52,10 +52,7 @@ if [ $DRY = 1 ]; then
     tests/test_gpu_model.py -k "triton and fp32 and (rows7 or ragged_d7 or sum-ragged_d64-contiguous or d32-causal \
 or only_empty or n5) or test_training_step_gpu and triton-entropy"
   skip compute-sanitizer "dry run (no GPU); the driver runs on the interpreter instead"
-  # Triton's varlen_attention and patch_scatter do not clamp bad offsets yet (found by this driver): on the
-  # interpreter those two calls write past their buffers and corrupt host memory, so the dry run leaves them out
-  step sanitizer-driver 120 sanitizer.log "$PY" scripts/gpu_sanitize.py --device cpu --backend triton --quick \
-    --skip "varlen_attention bad" --skip "patch_scatter bad"
+  step sanitizer-driver 120 sanitizer.log "$PY" scripts/gpu_sanitize.py --device cpu --backend triton --quick
   step benchmarks 120 benchmarks.log "$PY" -m benchmarks.gpu_bench --out "$OUT" --dry-run
 else
   step environment "${GPU_CHECK_ENVIRONMENT_S:-20}" environment.log bash -c "nvidia-smi || true; $PY -c \"import \

@@ -70,6 +70,19 @@ def attention_calls(backend, device, dtypes, head_dims=(32, 64, 80, 96, 128)):
                 yield f"varlen_attention {dtype} d={d} causal={causal} fwd+bwd", attention
 
 
+def kvcache_calls(backend, device, dtypes, head_dims=(64, 128)):
+    for dtype in dtypes:
+        for d in head_dims:
+            q = torch.randn(3, 2, 8, d, device=device).to(dtype)
+            k_cache, v_cache = (torch.randn(3, 300, 2, d, device=device).to(dtype) for _ in "kv")
+            k, v = (torch.randn(3, 2, 2, d, device=device).to(dtype) for _ in "kv")
+            seqlens = torch.tensor([0, 17, 299], dtype=torch.int32, device=device)  # the last overflows by one
+
+            def decode(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, seqlens=seqlens):
+                dk.kvcache_attention(q, k_cache, v_cache, seqlens, k, v, causal=True, backend=backend)
+            yield f"kvcache_attention {dtype} d={d}", decode
+
+
 def bad_offset_calls(backend, device):
     """Offsets the public ops reject, straight into the custom ops: wrong numbers allowed, no stray access."""
     x = torch.randn(10, 8, device=device)
@@ -80,6 +93,12 @@ def bad_offset_calls(backend, device):
     q = torch.randn(10, 2, 64, device=device, dtype=torch.float16)
     yield "varlen_attention bad offsets", lambda: torch.ops.dpar.varlen_attention(q, q, q, bad, bad, 500, 500, 0.125,
                                                                                    True, backend)
+    cache = torch.randn(2, 16, 2, 64, device=device, dtype=torch.float16)
+    lengths = torch.tensor([-5, 1 << 30], dtype=torch.int32, device=device)  # negative and far past S_max
+    yield "kvcache_attention bad lengths", lambda: dk.kvcache_attention(
+        torch.randn(2, 3, 2, 64, device=device, dtype=torch.float16), cache, cache.clone(), lengths,
+        torch.randn(2, 3, 2, 64, device=device, dtype=torch.float16),
+        torch.randn(2, 3, 2, 64, device=device, dtype=torch.float16), backend=backend)
 
 
 def main(argv=None) -> int:
@@ -94,6 +113,7 @@ def main(argv=None) -> int:
     calls = [*entropy_calls(args.backend, device, dtypes, (7, 2049) if args.quick else (7, 2049, 16384)),
              *gather_scatter_calls(args.backend, device, dtypes, (7,) if args.quick else (1, 7, 64)),
              *attention_calls(args.backend, device, dtypes, (32,) if args.quick else (32, 64, 80, 96, 128)),
+             *kvcache_calls(args.backend, device, dtypes, (64,) if args.quick else (64, 128)),
              *bad_offset_calls(args.backend, device)]
     calls = [(name, call) for name, call in calls if not any(text in name for text in args.skip)]
     checked = {name for name, _ in bad_offset_calls(args.backend, device)}
