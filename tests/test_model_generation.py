@@ -1,7 +1,7 @@
 """KV-cache generation equals a slow reference that recomputes the full forward for every token."""
 import pytest
 import torch
-from host_reads import HostReadCounter
+from benchmarks.host_reads import HostReadCounter
 from model_utils import single_thread, tiny_models  # noqa: F401
 
 import dpar

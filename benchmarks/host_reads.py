@@ -1,4 +1,5 @@
-"""HostReadCounter: counts the calls that read tensor values back to the host (a device sync on a GPU).
+"""HostReadCounter: counts the calls that read tensor values back to the host (a device sync on a GPU); used by
+the tests (tests/test_host_reads.py, test_model_generation.py) and by benchmarks/bench_e2e.py.
 
     with HostReadCounter() as counter:
         model.loss(tokens, labels, patches).backward()
@@ -9,7 +10,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _READS = {"item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "nonzero", "numpy"}
-_ATEN_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.nonzero_static.default"}
+_ATEN_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default"}  # nonzero_static: fixed size, no sync
 
 
 class HostReadCounter(TorchFunctionMode):
