@@ -91,14 +91,21 @@ def _forward_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + (len_k - len_q))
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """One key tile of the online softmax: log2-scaled masked scores s [M, N] and values v [N, D] folded into the
+    running (acc [M, D], row max m_i [M], row sum l_i [M]); shared with the KV-cache decode kernel."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit

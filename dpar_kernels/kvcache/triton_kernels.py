@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreter
+from ..attention.triton_kernels import online_softmax_step
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -80,13 +81,7 @@ def _partial_kernel(Q, K, V, O_part, Lse_part, cache_seqlens, qk_scale_log2, seq
         v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
         s = tl.where(cols[None, :] < ends[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
     sees = l_i > 0
     out = acc / tl.where(sees, l_i, 1.0)[:, None]
     lse = tl.where(sees, m_i + tl.math.log2(tl.where(sees, l_i, 1.0)), float("-inf"))
