@@ -185,8 +185,9 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         tokens, labels = tokens.to(env.device), labels.to(env.device)
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
         with autocast:  # the entropy model cutting patches on the fly runs at the training precision too
-            patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens),
-                                              env.device)
+            host_patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens),
+                                                   "cpu")  # kept on the host for the FLOP count: no device read
+            patches = None if host_patches is None else host_patches.to(env.device)
             loss = trainer(tokens, labels, patches)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -198,7 +199,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
             entropy_flops = entropy_flops or step_flops(args.kind, model, (tokens, labels), patches)
             flops_now = entropy_flops
         else:
-            flops_now = step_flops(args.kind, model, (tokens, labels), patches)
+            flops_now = step_flops(args.kind, model, (tokens, labels), host_patches)
         flops_now = env.sum(flops_now)
         loss_value = env.mean(float(loss.detach()))
         check_finite_step(step + 1, loss_value, float(grad_norm), args.out, saved_step)
