@@ -4,8 +4,8 @@ Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from ._checks import mark_validated, validation_enabled
-from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
+from ._checks import mark_validated, set_validation, validation_enabled
+from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, default_backend, set_default_backend
 from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy
 from .gather_scatter import patch_gather, patch_scatter
@@ -20,8 +20,8 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "available_backends", "mark_validated",
-    "validation_enabled",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "set_default_backend",
+    "mark_validated", "validation_enabled", "set_validation",
     "token_entropy", "linear_entropy",
     "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids", "cu_seqlens_from_position_ids",
     "patch_gather", "patch_scatter",

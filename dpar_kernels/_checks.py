@@ -1,14 +1,18 @@
 """Input validation shared by every op: clear TypeError/ValueError naming the argument.
 
 Checks that read tensor values (cu_seqlens contents) run eagerly, at most once per tensor version, and are skipped
-while torch.compile traces (they would force a graph break) and with DPAR_VALIDATE=0; the kernels themselves clamp
-their indices, so they never read or write out of bounds.
+while torch.compile traces (they would force a graph break) and with DPAR_VALIDATE=0 (read once at import;
+``set_validation`` switches them at run time); the kernels themselves clamp their indices, so they never read or
+write out of bounds. The checks of every call are a few attribute reads: they sit on the decode path, where a
+kernel takes microseconds.
 """
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
+_validate = {"enabled": os.environ.get("DPAR_VALIDATE", "1") != "0"}
 
 
 def _tracing() -> bool:
@@ -27,17 +31,23 @@ def check_tensor(name: str, x, *, dtypes=None, ndim: int | None = None, min_ndim
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(x.shape)}")
 
 
-def check_float(name: str, x, **kwargs) -> None:
-    check_tensor(name, x, dtypes=FLOAT_DTYPES, **kwargs)
+def check_float(name: str, x, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    """x: a float tensor (FLOAT_DTYPES), ``ndim``-D / at least ``min_ndim``-D when given."""
+    if (not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPE_SET or (ndim is not None and x.dim() != ndim)
+            or (min_ndim is not None and x.dim() < min_ndim)):
+        check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=ndim, min_ndim=min_ndim)  # raises the error naming it
 
 
 def check_same_device(**tensors) -> torch.device:
     """Raises ValueError if the named tensors (None entries ignored) live on different devices."""
-    named = [(k, v) for k, v in tensors.items() if v is not None]
-    device = named[0][1].device
-    for key, value in named[1:]:
-        if value.device != device:
-            raise ValueError(f"{key} is on {value.device} but {named[0][0]} is on {device}")
+    first = device = None
+    for key, value in tensors.items():
+        if value is None:
+            continue
+        if device is None:
+            first, device = key, value.device
+        elif value.device != device:
+            raise ValueError(f"{key} is on {value.device} but {first} is on {device}")
     return device
 
 
@@ -49,11 +59,20 @@ def check_positive(name: str, value) -> None:
 
 
 def validation_enabled() -> bool:
-    """False when DPAR_VALIDATE=0: value checks of offsets are skipped (the kernels still clamp their indices)."""
-    return os.environ.get("DPAR_VALIDATE", "1") != "0"
+    """False when value checks of offsets are skipped (DPAR_VALIDATE=0 at import, or set_validation(False)); the
+    kernels still clamp their indices."""
+    return _validate["enabled"]
 
 
-_MARK = "_dpar_offsets_checked"  # attribute on a validated offsets tensor: (version, last entry, longest segment)
+def set_validation(enabled: bool) -> None:
+    """Switches the value checks of offsets on or off at run time (DPAR_VALIDATE sets the starting state)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _validate["enabled"] = enabled
+
+
+# Attribute on a validated offsets tensor: (version, last entry, longest segment, device).
+_MARK = "_dpar_offsets_checked"
 
 
 def _version(cu: torch.Tensor) -> int | None:
@@ -67,11 +86,20 @@ def mark_validated(cu: torch.Tensor, total: int, longest: int) -> torch.Tensor:
     """Records that offsets ``cu`` (as they are now) start at 0, never decrease, end at ``total`` and have
     no segment longer than ``longest`` (it sizes launch grids; an upper bound is fine), so no op reads them to the
     host again. The caller vouches for it (e.g. offsets built on the host and copied to the device), skipped while
-    torch.compile traces. Returns ``cu``."""
+    torch.compile traces. cu must be a 1-D int32 tensor (TypeError/ValueError otherwise). Returns ``cu``."""
+    _check_offsets_tensor("cu", cu)
     version = _version(cu)
     if version is not None and not _tracing():
-        setattr(cu, _MARK, (version, int(total), int(longest)))
+        setattr(cu, _MARK, (version, int(total), int(longest), cu.device))
     return cu
+
+
+def _check_offsets_tensor(name: str, cu) -> None:
+    check_tensor(name, cu, ndim=1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {str(cu.dtype).replace('torch.', '')}")
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (the leading 0)")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> int | None:
@@ -79,18 +107,19 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
 
     Returns the longest segment (0 for none). The values are read to the host at most once per tensor version
     (the result is kept on the tensor, see mark_validated); None, with no value check, while torch.compile traces
-    or with DPAR_VALIDATE=0.
+    or with validation off, unless the offsets carry a mark (they then skip every check but the total and device).
     """
-    check_tensor(name, cu, ndim=1)
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {str(cu.dtype).replace('torch.', '')}")
+    if _tracing():
+        _check_offsets_tensor(name, cu)
+        return None
+    mark = getattr(cu, _MARK, None)  # a marked tensor passed the structural checks when it was marked
+    if mark is not None and mark[0] == _version(cu) and mark[1] == total and mark[3] == device:
+        return mark[2]
+    _check_offsets_tensor(name, cu)
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the data is on {device}")
-    if cu.numel() < 1:
-        raise ValueError(f"{name} must have at least one entry (the leading 0)")
-    if _tracing() or not validation_enabled():
+    if not validation_enabled():
         return None
-    mark = getattr(cu, _MARK, None)
     if mark is None or mark[0] != _version(cu):
         mark = (None, *_read_offsets(name, cu))
         mark_validated(cu, mark[1], mark[2])

@@ -1,8 +1,11 @@
 """Backend selection shared by every op.
 
 ``backend=None`` picks the best available implementation for the tensor's device: "cuda" then "triton" then
-"torch" on CUDA tensors ("triton" first for varlen_attention), "cpu" then "torch" on CPU tensors. DPAR_BACKEND sets the default; a forced backend
-(argument or environment) that cannot run raises BackendUnavailableError naming why.
+"torch" on CUDA tensors ("triton" first for varlen_attention), "cpu" then "torch" on CPU tensors. The environment
+variable DPAR_BACKEND sets the default, read once when dpar_kernels is imported (as TRITON_INTERPRET is, by Triton
+too); ``set_default_backend`` changes it at run time. A forced backend (argument or default) that cannot run raises
+BackendUnavailableError naming why. Resolutions are cached per (op, request, device, supported backends), so an
+eager call pays one dict lookup.
 """
 import contextlib
 import importlib.util
@@ -25,10 +28,26 @@ class BackendUnavailableError(RuntimeError):
 
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels run on CPU tensors
+_default = {"backend": os.environ.get("DPAR_BACKEND") or None}
+_resolved: dict[tuple, str] = {}  # resolve_backend's results; the key includes everything they depend on
 
 
 def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return TRITON_INTERPRETER
+
+
+def default_backend() -> str | None:
+    """The backend ops use when called with backend=None (None: the best available one)."""
+    return _default["backend"]
+
+
+def set_default_backend(backend: str | None) -> None:
+    """Sets the backend ops use when called with backend=None, as DPAR_BACKEND does at import; None restores the
+    automatic choice."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    _default["backend"] = backend
 
 
 def device_guard(t: torch.Tensor):
@@ -62,7 +81,18 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, suppor
 
     requested: None, or one of BACKENDS. supported: the backends ``op`` implements.
     """
-    forced = requested if requested is not None else os.environ.get("DPAR_BACKEND") or None
+    if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
+        return _resolve(op, requested, device, supported)
+    key = (op, requested, device, supported, _default["backend"], HAS_TRITON, TRITON_INTERPRETER,
+           _extension.HAS_CPU_OPS, _extension.HAS_CUDA_OPS)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _resolve(op, requested, device, supported)
+    return backend
+
+
+def _resolve(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...]) -> str:
+    forced = requested if requested is not None else _default["backend"]
     if forced is not None:
         if forced not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {forced!r}")

@@ -3,9 +3,17 @@ import importlib
 
 import torch
 
+from . import _extension
+
 
 def extension_op(name: str):
-    """The C++/CUDA op torch.ops.dpar_C.<name>; the device of its inputs selects the CPU or CUDA kernel."""
+    """The C++/CUDA op torch.ops.dpar_C.<name>; the device of its inputs selects the CPU or CUDA kernel.
+
+    Forward ops that run at decode time have a direct entry _C.<name> (csrc/eager_calls.cpp) that calls the same
+    registered op without torch.ops' Python argument parsing; the others go through torch.ops."""
+    direct = getattr(_extension.EXTENSION, name, None)
+    if direct is not None:
+        return direct
 
     def call(*args):
         return getattr(torch.ops.dpar_C, name)(*args)
@@ -40,4 +48,7 @@ def direct_call_ok(*tensors) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+    for t in tensors:  # a plain loop: this runs on every eager call
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True

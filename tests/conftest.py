@@ -16,3 +16,23 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def default_backend():
+    """dk.set_default_backend for one test (what DPAR_BACKEND does at import); the old default comes back after."""
+    import dpar_kernels as dk
+
+    previous = dk.default_backend()
+    yield dk.set_default_backend
+    dk.set_default_backend(previous)
+
+
+@pytest.fixture
+def validation():
+    """dk.set_validation for one test (what DPAR_VALIDATE does at import); the old state comes back after."""
+    import dpar_kernels as dk
+
+    previous = dk.validation_enabled()
+    yield dk.set_validation
+    dk.set_validation(previous)

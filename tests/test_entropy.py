@@ -96,8 +96,8 @@ def test_token_entropy_giant_row_and_float64(backend):
 
 
 @pytest.mark.skipif(not _extension.HAS_CPU_OPS, reason="the C++ extension is not built")
-def test_extension_token_entropy_is_default_and_float64_exact(monkeypatch):
-    monkeypatch.delenv("DPAR_BACKEND", raising=False)
+def test_extension_token_entropy_is_default_and_float64_exact(default_backend):
+    default_backend(None)
     logits = torch.randn(6, 257)
     assert _dispatch.resolve_backend("token_entropy", None, logits.device, ("torch", "cpu")) == "cpu"
     assert torch.equal(dk.token_entropy(logits), dk.token_entropy(logits, backend="cpu"))

@@ -113,8 +113,8 @@ def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale,
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b in ("torch", "cpu")])
-def test_flash_style_model_matches_sdpa_with_gradients(backend, monkeypatch):
-    monkeypatch.setenv("DPAR_BACKEND", backend)
+def test_flash_style_model_matches_sdpa_with_gradients(backend, default_backend):
+    default_backend(backend)
     model = FlashStyleAttention(width=64, heads=2, attention=fac.flash_attn_varlen_func)
     reference = FlashStyleAttention(width=64, heads=2, attention=_sdpa_attention)
     reference.load_state_dict(model.state_dict())
@@ -283,8 +283,8 @@ def test_available_backends_accepts_strings():
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("causal", [False, True])
-def test_kvcache_end_to_end_on_the_real_op(backend, causal, monkeypatch):
-    monkeypatch.setenv("DPAR_BACKEND", backend)
+def test_kvcache_end_to_end_on_the_real_op(backend, causal, default_backend):
+    default_backend(backend)
     q, k_cache, v_cache, k, v = _cache()
     seqlens = torch.tensor([0, 9], dtype=torch.int32)
     expected, expected_k, expected_v = kvcache_reference(q, k_cache, v_cache, seqlens, k, v, causal)

@@ -10,9 +10,9 @@ OPS = ("token_entropy", "linear_entropy", "patch_gather", "patch_scatter", "varl
 
 
 @pytest.fixture
-def gpu_backends(monkeypatch):
+def gpu_backends(monkeypatch, default_backend):
     """Pretends that the CUDA extension and Triton are both usable on CUDA tensors."""
-    monkeypatch.delenv("DPAR_BACKEND", raising=False)
+    default_backend(None)
     monkeypatch.setattr(_extension, "HAS_CUDA_OPS", True)
     monkeypatch.setattr(_dispatch, "HAS_TRITON", True)
     return monkeypatch
@@ -37,7 +37,7 @@ def test_falls_back_when_the_preferred_backend_is_missing(gpu_backends, op):
 
 def test_forced_backend_still_wins(gpu_backends):
     assert _dispatch.resolve_backend("varlen_attention", "cuda", CUDA, dk.BACKENDS) == "cuda"
-    gpu_backends.setenv("DPAR_BACKEND", "cuda")
+    dk.set_default_backend("cuda")  # the gpu_backends fixture restores the default
     assert _dispatch.resolve_backend("varlen_attention", None, CUDA, dk.BACKENDS) == "cuda"
 
 

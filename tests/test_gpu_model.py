@@ -1,8 +1,9 @@
 """Model level on the GPU: one bf16-autocast training step of each model and a short sampling run, every backend.
 
-DPAR_BACKEND forces the backend of every dpar_kernels op the models call. Head dims are 32 (a kernel head dim), so
-the cuda/triton kernels run rather than the torch fallback. Marked ``gpu``; DPAR_GPU_TESTS_DEVICE=cpu is the CPU dry
-run of tests/test_gpu_kernels.py (Triton interpreted, float32 instead of bf16 autocast, the cuda backend skipped).
+dk.set_default_backend (what DPAR_BACKEND sets at import) forces the backend of every dpar_kernels op the models
+call. Head dims are 32 (a kernel head dim), so the cuda/triton kernels run rather than the torch fallback. Marked
+``gpu``; DPAR_GPU_TESTS_DEVICE=cpu is the CPU dry run of tests/test_gpu_kernels.py (Triton interpreted, float32
+instead of bf16 autocast, the cuda backend skipped).
 """
 import contextlib
 import math
@@ -18,10 +19,10 @@ MODELS = ("entropy", "dpar", "baseline")
 
 
 @pytest.fixture(params=GPU_BACKENDS)
-def backend(request, monkeypatch):
+def backend(request, default_backend):
     if DRY_RUN and request.param == "cuda":
         pytest.skip("dry run on CPU: the cuda backend needs a GPU")
-    monkeypatch.setenv("DPAR_BACKEND", request.param)
+    default_backend(request.param)
     return request.param
 
 

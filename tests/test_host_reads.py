@@ -1,5 +1,5 @@
 """No host reads in a training step, offsets validated once per tensor version, and kernels that stay in bounds
-whatever the offsets say (validation skipped with DPAR_VALIDATE=0).
+whatever the offsets say (validation skipped with dk.set_validation(False), as DPAR_VALIDATE=0 does at import).
 
 Out-of-bounds reads are caught by NaN sentinels: the inputs are slices of NaN-filled buffers, so a kernel that
 reads past its tensor's rows returns NaN. Triton runs in its interpreter on CPU tensors.
@@ -69,8 +69,8 @@ def test_offsets_are_read_once_per_tensor_version():
         dk.patch_gather(x[:8], cu_from_lengths([2, 3, 4]), backend="torch")
 
 
-def test_validation_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("DPAR_VALIDATE", "0")
+def test_validation_can_be_switched_off(validation):
+    validation(False)
     cu = cu_from_lengths([3, 5])
     q = torch.randn(8, 2, 32)
     with HostReadCounter() as counter:
@@ -98,8 +98,8 @@ def _survives(run) -> torch.Tensor | None:
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("offsets", LYING)
-def test_lying_offsets_never_reach_out_of_bounds(backend, offsets, monkeypatch):
-    monkeypatch.setenv("DPAR_VALIDATE", "0")
+def test_lying_offsets_never_reach_out_of_bounds(backend, offsets, validation):
+    validation(False)
     cu = torch.tensor(LYING[offsets], dtype=torch.int32)
     x = _sentinel_rows(8, 16).requires_grad_(backend != "cpu")
     pooled = _survives(lambda: dk.patch_gather(x, cu, reduce="max", backend=backend))
@@ -134,10 +134,10 @@ def test_strided_offsets_work_on_every_backend(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("validate", ["1", "0"])
-def test_an_oversized_max_seqlen_does_not_grow_the_launch(backend, validate, monkeypatch):
+@pytest.mark.parametrize("validate", [True, False])
+def test_an_oversized_max_seqlen_does_not_grow_the_launch(backend, validate, validation):
     """2**40 is a legal bound; the grid follows the validated longest sequence (or the total length)."""
-    monkeypatch.setenv("DPAR_VALIDATE", validate)
+    validation(validate)
     cu = cu_from_lengths([5, 3])
     q = torch.randn(8, 2, 32, requires_grad=True)
     out = dk.varlen_attention(q, q, q, cu, cu, 2 ** 40, 2 ** 40, backend=backend)

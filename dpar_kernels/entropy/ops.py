@@ -22,7 +22,8 @@ _LINEAR_ENTROPY = {
 
 
 def _token_entropy(logits: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    return _TOKEN_ENTROPY[backend](logits, temperature).to(torch.float32)
+    entropy = _TOKEN_ENTROPY[backend](logits, temperature)
+    return entropy if entropy.dtype == torch.float32 else entropy.float()
 
 
 @torch.library.custom_op("dpar::token_entropy", mutates_args=())
@@ -67,12 +68,12 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
     reject_grad("token_entropy", logits=logits)
     supported = supported_for_dtype(tuple(_TOKEN_ENTROPY), logits.dtype)
     backend = resolve_backend("token_entropy", backend, logits.device, supported)
-    lead = logits.shape[:-1]
-    rows = logits.reshape(-1, logits.shape[-1])
-    if rows.stride(-1) != 1:
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+    if rows.stride()[-1] != 1:
         rows = rows.contiguous()
     run = _token_entropy if direct_call_ok(rows) else _token_entropy_op
-    return run(rows, float(temperature), backend).reshape(lead)
+    entropy = run(rows, float(temperature), backend)
+    return entropy if logits.dim() == 2 else entropy.reshape(logits.shape[:-1])
 
 
 def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -104,7 +104,7 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
     check_float(name, x, ndim=2)
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return x if x.stride()[-1] == 1 else x.contiguous()
 
 
 def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max",

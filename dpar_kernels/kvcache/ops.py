@@ -34,6 +34,7 @@ def _(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, backend):
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, k, v) -> torch.device:
+    """Validates the arguments (each attribute read once: this runs on every decode step); returns their device."""
     check_float("q", q, ndim=4)
     check_float("k_cache", k_cache, ndim=4)
     check_float("v_cache", v_cache, ndim=4)
@@ -44,32 +45,39 @@ def _check(q, k_cache, v_cache, cache_seqlens, k, v) -> torch.device:
         check_float("k", k, ndim=4)
         check_float("v", v, ndim=4)
     device = check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v)
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+    dtype, (batch, seqlen_q, heads_q, head_dim), cache_shape = q.dtype, q.shape, k_cache.shape
+    if v_cache.shape != cache_shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(cache_shape)} and "
                          f"{tuple(v_cache.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        if t is not None and t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache must be [B={batch}, S_max, Hk, d={head_dim}], got {tuple(k_cache.shape)}")
-    heads_kv = k_cache.shape[2]
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name} must have q's dtype {dtype}, got {t.dtype}")
+    if cache_shape[0] != batch or cache_shape[3] != head_dim:
+        raise ValueError(f"k_cache must be [B={batch}, S_max, Hk, d={head_dim}], got {tuple(cache_shape)}")
+    heads_kv = cache_shape[2]
     if heads_kv == 0 or heads_q % heads_kv != 0:
         raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of k_cache's heads ({heads_kv})")
     if k is not None:
         expected = (batch, seqlen_q, heads_kv, head_dim)
         for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != expected:
+            if t.shape != expected:
                 raise ValueError(f"{name} must be [B, Sq, Hk, d] = {expected}, got {tuple(t.shape)}")
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens must be int32, got {str(cache_seqlens.dtype).replace('torch.', '')}")
     if cache_seqlens.shape[0] != batch:
         raise ValueError(f"cache_seqlens must have B={batch} entries, got {cache_seqlens.shape[0]}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride()[-1] != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (it is updated in place)")
     return device
 
 
 def _last_dim_contiguous(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+    return t if t is None or t.stride()[-1] == 1 else t.contiguous()
+
+
+_BACKENDS = tuple(_FORWARD)
+_KERNEL_BACKENDS = ("triton", "cuda")
 
 
 def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -88,19 +96,17 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """
     device = _check(q, k_cache, v_cache, cache_seqlens, k, v)
     reject_grad("kvcache_attention", q=q, k=k, v=v)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim (it is updated in place)")
-    if q.dtype == torch.float64 and backend in ("triton", "cuda"):
+    dtype, head_dim = q.dtype, q.shape[3]
+    if dtype == torch.float64 and backend in _KERNEL_BACKENDS:
         raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 tensors, got float64 "
                         f"(the torch and cpu backends take float64)")
-    fits = q.shape[3] <= KERNEL_MAX_HEAD_DIM
-    supported = supported_for_dtype(tuple(_FORWARD) if fits else ("torch", "cpu"), q.dtype)
-    if backend in ("triton", "cuda") and not fits:
-        raise ValueError(f"head dim {q.shape[3]} is above {KERNEL_MAX_HEAD_DIM}, the limit of backend {backend!r}")
+    fits = head_dim <= KERNEL_MAX_HEAD_DIM
+    if backend in _KERNEL_BACKENDS and not fits:
+        raise ValueError(f"head dim {head_dim} is above {KERNEL_MAX_HEAD_DIM}, the limit of backend {backend!r}")
+    supported = supported_for_dtype(_BACKENDS if fits else ("torch", "cpu"), dtype)
     backend = resolve_backend("kvcache_attention", backend, device, supported)
-    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     cache_seqlens = cache_seqlens.contiguous()  # kernels read it as raw memory
     if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
         return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))

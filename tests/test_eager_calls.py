@@ -1,0 +1,53 @@
+"""The direct eager entries of dpar_kernels._C (csrc/eager_calls.cpp) call the same registered ops as torch.ops."""
+import pytest
+import torch
+
+import dpar_kernels as dk
+from dpar_kernels import _extension
+
+pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_OPS, reason="the C++ extension is not built")
+C = _extension.EXTENSION
+
+
+def _offsets(lengths):
+    return dk.lengths_to_cu_seqlens(torch.tensor(lengths, dtype=torch.int32))
+
+
+def _same(direct, registered):
+    direct = direct if isinstance(direct, tuple) else (direct,)
+    registered = registered if isinstance(registered, tuple) else (registered,)
+    assert len(direct) == len(registered)
+    for a, b in zip(direct, registered):
+        assert torch.equal(a, b)
+
+
+def test_gather_scatter_and_entropy_match_torch_ops():
+    x, cu = torch.randn(9, 5), _offsets([2, 0, 4, 3])
+    ops = torch.ops.dpar_C
+    for reduce in ("max", "sum", "mean"):
+        _same(C.patch_gather(x, cu, reduce, reduce == "max"), ops.patch_gather(x, cu, reduce, reduce == "max"))
+    y = torch.randn(4, 5)
+    _same(C.patch_scatter(y, cu, 9), ops.patch_scatter(y, cu, 9))
+    logits = torch.randn(6, 33)
+    _same(C.token_entropy(logits, 0.7), ops.token_entropy(logits, 0.7))
+
+
+def test_attention_entries_match_torch_ops():
+    q = torch.randn(7, 2, 16)
+    cu = _offsets([3, 4])
+    _same(C.varlen_attention(q, q, q, cu, cu, 4, 4, 0.25, True),
+          torch.ops.dpar_C.varlen_attention(q, q, q, cu, cu, 4, 4, 0.25, True))
+    q, new = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16)
+    k_cache, v_cache = torch.randn(2, 6, 2, 16), torch.randn(2, 6, 2, 16)
+    caches = [k_cache.clone(), v_cache.clone(), k_cache, v_cache]
+    lengths = torch.tensor([0, 5], dtype=torch.int32)
+    direct = C.kvcache_attention(q, caches[0], caches[1], lengths, new, new, 0.25, True)
+    registered = torch.ops.dpar_C.kvcache_attention(q, caches[2], caches[3], lengths, new, new, 0.25, True)
+    _same((direct, caches[0], caches[1]), (registered, caches[2], caches[3]))  # the caches are updated alike
+
+
+def test_a_bad_argument_is_an_exception_not_a_crash():
+    with pytest.raises(TypeError, match="int32"):
+        C.patch_gather(torch.randn(4, 3), torch.tensor([0, 4]), "max", False)
+    with pytest.raises(TypeError):
+        C.patch_gather(torch.randn(4, 3), None, "max", False)
