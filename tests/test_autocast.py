@@ -115,3 +115,24 @@ def test_dpar_with_on_the_fly_patches_trains_under_bf16(tmp_path):
     records = train.train(train_args(["dpar", *common, "--out", tmp_path / "dpar", "--threshold", 1.0,
                                       "--entropy-ckpt", tmp_path / "entropy" / train.CHECKPOINT]))
     assert math.isfinite(records[0]["loss"]) and 0 < records[0]["global_tokens"] <= 4 * 16
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
+    """The GradScaler state is checkpointed: with a scale so large that every step overflows (skipped, scale
+    halved), a resumed run goes on halving from the saved scale instead of restarting from the initial one."""
+    from dpar.pipeline import train
+    from pipeline_helpers import train_args, write_random_dataset
+
+    def overflowing(precision, device):
+        autocast, _ = precision_context(precision, device)
+        return autocast, torch.amp.GradScaler(device.type, init_scale=2.0 ** 60, enabled=precision == "fp16")
+
+    precision_context = train.precision_context
+    monkeypatch.setattr(train, "precision_context", overflowing)
+    write_random_dataset(tmp_path / "data", count=8)
+    common = ["baseline", "--data", tmp_path / "data", "--out", tmp_path / "out", "--batch-size", 4,
+              "--precision", "fp16"]
+    first = train.train(train_args([*common, "--steps", 2]))
+    assert [r["loss_scale"] for r in first] == [2.0 ** 59, 2.0 ** 58]  # both steps overflowed, and ran on
+    resumed = train.train(train_args([*common, "--steps", 3, "--resume"]))
+    assert resumed[-1]["loss_scale"] == 2.0 ** 57

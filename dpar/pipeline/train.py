@@ -148,6 +148,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
     model = build_model(args.kind, config).to(env.device)
     optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     ckpt_path, log_path = os.path.join(args.out, CHECKPOINT), os.path.join(args.out, LOG)
+    autocast, scaler = precision_context(args.precision, env.device)
     step, cum_flops, saved_step = 0, 0.0, None
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -156,6 +157,8 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         info = load_checkpoint(ckpt_path, model, kind=args.kind, config=config, optimizer=optimizer)
         check_resume(ckpt_path, info["extra"], args, optimizer)
         step, cum_flops = info["step"], info["extra"]["cum_flops"]
+        if scaler.is_enabled() and "grad_scaler" in info["extra"]:  # fp16: the loss scale goes on where it was
+            scaler.load_state_dict(info["extra"]["grad_scaler"])
         saved_step = step
     records = _read_log(log_path, step) if args.resume else []
     os.makedirs(args.out, exist_ok=True)
@@ -173,7 +176,6 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
     if args.batch_size % env.world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size {env.world}")
     local_batch = args.batch_size // env.world
-    autocast, scaler = precision_context(args.precision, env.device)
     entropy_flops = None
     progress = _progress(args, step, env.rank)
     model.train()
@@ -202,7 +204,9 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
             flops_now = step_flops(args.kind, model, (tokens, labels), host_patches)
         flops_now = env.sum(flops_now)
         loss_value = env.mean(float(loss.detach()))
-        check_finite_step(step + 1, loss_value, float(grad_norm), args.out, saved_step)
+        # fp16: an overflowing gradient is the GradScaler's business (it skipped the update and lowered the scale)
+        check_finite_step(step + 1, loss_value, 0.0 if scaler.is_enabled() else float(grad_norm), args.out,
+                          saved_step)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         elapsed = time.perf_counter() - started
@@ -212,6 +216,8 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
                   "cum_flops": cum_flops, "tokens": args.batch_size * dataset.tokens_per_image,
                   "step_time": elapsed, "tokens_per_s": args.batch_size * dataset.tokens_per_image / elapsed,
                   "lr": args.lr}
+        if scaler.is_enabled():
+            record["loss_scale"] = scaler.get_scale()
         if patches is not None:
             record["global_tokens"] = env.sum(float(patches.num_patches))
         if args.eval_data and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
@@ -228,6 +234,8 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
             if step % args.ckpt_every == 0 or finished or stopping:
                 extra = {"cum_flops": cum_flops, "batch_size": args.batch_size, "seed": args.seed,
                          "data": os.path.abspath(args.data), "settings": trajectory_settings(args)}
+                if scaler.is_enabled():
+                    extra["grad_scaler"] = scaler.state_dict()
                 save_checkpoint(ckpt_path, kind=args.kind, config=config, step=step, model=model,
                                 optimizer=optimizer, extra=extra)
                 saved_step = step
