@@ -12,7 +12,7 @@ from .._autocast import cast_for_autocast, register_lower_precision
 from .._checks import (check_cu_seqlens, check_finite, check_float, check_index, check_same_device, check_tensor,
                        launch_length)
 from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import extension_op, lazy
+from .._ops import direct_call_ok, extension_op, lazy
 from . import naive
 
 KERNEL_HEAD_DIMS = (32, 64, 80, 96, 128)  # head dims of the triton and cuda kernels; torch/cpu take any
@@ -168,8 +168,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"(supported: {KERNEL_HEAD_DIMS}; the torch and cpu backends take any)")
     backend = resolve_backend("varlen_attention", backend, device, supported)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = _attention_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                             launch_length(longest_q, max_seqlen_q, q.shape[0]),
-                             launch_length(longest_k, max_seqlen_k, k.shape[0]), scale, bool(causal), backend)
+    q, k, v = (t if t.stride()[-1] == 1 else t.contiguous() for t in (q, k, v))
+    args = (q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            launch_length(longest_q, max_seqlen_q, q.shape[0]), launch_length(longest_k, max_seqlen_k, k.shape[0]),
+            scale, bool(causal))
+    if direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k):  # no gradient: the kernel without the dispatcher
+        out, lse = _FORWARD[backend](*args)
+    else:
+        out, lse = _attention_op(*args, backend)
     return (out, lse) if return_lse else out
