@@ -51,3 +51,28 @@ def test_a_bad_argument_is_an_exception_not_a_crash():
         C.patch_gather(torch.randn(4, 3), torch.tensor([0, 4]), "max", False)
     with pytest.raises(TypeError):
         C.patch_gather(torch.randn(4, 3), None, "max", False)
+
+
+def test_compiled_graphs_call_the_kvcache_extension_op():
+    """Under torch.compile the cpu backend is the C++ op itself (no Python custom op per decode layer), and the
+    in-place cache update survives functionalization."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    q, new = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16)
+    k_cache, v_cache = torch.randn(2, 6, 2, 16), torch.randn(2, 6, 2, 16)
+    lengths = torch.tensor([0, 5], dtype=torch.int32)
+    eager_k, eager_v = k_cache.clone(), v_cache.clone()
+    expected = dk.kvcache_attention(q, eager_k, eager_v, lengths, new, new, backend="cpu")
+
+    def step(q, k_cache, v_cache, lengths, new):
+        return dk.kvcache_attention(q, k_cache, v_cache, lengths, new, new, backend="cpu") * 1.0
+
+    recorder = EagerAndRecordGraphs()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=recorder)(q, k_cache, v_cache, lengths, new)
+    assert torch.equal(compiled, expected)
+    assert torch.equal(k_cache, eager_k) and torch.equal(v_cache, eager_v)
+    targets = [str(node.target) for graph in recorder.graphs for node in graph.graph.nodes]
+    assert "dpar_C.kvcache_attention" in targets and "dpar.kvcache_attention" not in targets, targets
+    inductor = torch.compile(step, fullgraph=True)(q, k_cache.clone(), v_cache.clone(), lengths, new)
+    assert torch.equal(inductor, expected)

@@ -1,12 +1,16 @@
 """Public KV-cache attention for incremental decoding (flash-attn's flash_attn_with_kvcache layout).
 
-One custom op dpar::kvcache_attention that mutates k_cache and v_cache when new keys are given. Forward only.
-No backend reads cache_seqlens on the host; every kernel clamps it (see naive.py for the exact semantics).
+A mutating op (k_cache and v_cache, when new keys are given), forward only. The cpu and cuda backends are the C++ op
+torch.ops.dpar_C.kvcache_attention itself, also inside torch.compile graphs (its fake is registered here): a
+torch.library Python custom op would add ~0.1 ms of Python per call to every decode layer. The torch and triton
+backends run as the Python custom op dpar::kvcache_attention. No backend reads cache_seqlens on the host; every
+kernel clamps it (see naive.py for the exact semantics).
 """
 import math
 
 import torch
 
+from .. import _extension
 from .._checks import check_finite, check_float, check_same_device, check_tensor
 from .._dispatch import resolve_backend, supported_for_dtype
 from .._ops import direct_call_ok, extension_op, lazy, reject_grad
@@ -19,6 +23,15 @@ _FORWARD = {
     "triton": lazy(".kvcache.triton_kernels", "kvcache_attention"),
 }
 KERNEL_MAX_HEAD_DIM = 256  # triton and cuda kernels; torch/cpu take any
+_EXTENSION_BACKENDS = ("cpu", "cuda")
+
+
+def _fake(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, backend=None):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+if _extension.HAS_CPU_OPS:
+    torch.library.register_fake("dpar_C::kvcache_attention")(_fake)
 
 
 @torch.library.custom_op("dpar::kvcache_attention", mutates_args=("k_cache", "v_cache"))
@@ -28,9 +41,7 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal)
 
 
-@_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+_kvcache_op.register_fake(_fake)
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, k, v) -> torch.device:
@@ -110,4 +121,6 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cache_seqlens = cache_seqlens.contiguous()  # kernels read it as raw memory
     if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
         return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
+    if backend in _EXTENSION_BACKENDS:  # traced (or under a dispatch mode) as the C++ op
+        return torch.ops.dpar_C.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
     return _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal), backend)
