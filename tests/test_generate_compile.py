@@ -5,6 +5,7 @@ shapes) in a few graphs, one per specialization dynamo makes (all images or some
 Most tests trace with dynamo's eager backend, counting the graphs of each step (inductor's code generation takes
 ~30 s per graph on a loaded CPU); one test runs the real compile=True (inductor).
 """
+import argparse
 import collections
 import functools
 
@@ -15,6 +16,7 @@ from model_utils import single_thread, tiny_models  # noqa: F401
 from torch._dynamo.utils import counters
 
 from dpar.model import generation
+from dpar.pipeline import sample
 
 GREEDY = pytest.param(1.0, dict(temperature=0.0), id="greedy")
 CFG_TOP_K = pytest.param(3.0, dict(temperature=1.0, top_k=20), id="cfg-topk")
@@ -123,3 +125,16 @@ def test_compile_true_with_inductor_gives_the_eager_tokens():
     for got, expected in zip(results[True], results[False]):
         assert torch.equal(got, expected)
     assert patches.num_patches == 2 * config.tokens_per_image // 2
+
+
+def test_sample_command_forwards_compile(graphs):
+    """`dpar sample --compile` -> sample_tokens(compile=True) -> the compiled step, with the eager tokens."""
+    parser = argparse.ArgumentParser()
+    sample.add_arguments(parser)
+    common = ["--ckpt", "model.pt", "--tokenizer", "palette.safetensors", "--out", "grid.png"]
+    assert parser.parse_args([*common, "--compile"]).compile and not parser.parse_args(common).compile
+    _, _, baseline, _ = tiny_models(torch.float32, grid_height=2)
+    labels = torch.tensor([4, 6])
+    tokens, _, _ = sample.sample_tokens(baseline, "baseline", labels, temperature=1.0, seed=3, compile=True)
+    assert graphs["_baseline_step"] == 1
+    assert torch.equal(tokens, sample.sample_tokens(baseline, "baseline", labels, temperature=1.0, seed=3)[0])
