@@ -12,8 +12,8 @@ is one function of tensors and caches, with the position taken from the cache le
 int), so ``compile=True`` runs it as one torch.compile graph (fullgraph, static shapes) that never recompiles across
 tokens. Its sampling noise is drawn eagerly from the generator (sampling.sampling_noise), so compiled and eager
 runs give the same tokens. DPAR's global step (a data-dependent number of rows and patch length) compiles with
-dynamic shapes into a few graphs, one per specialization (all images or some, one image, one-token patches): it
-measured faster than eager (see _step_function).
+dynamic shapes into a few graphs, one per specialization (all images or some, one image, one-token patches):
+compiled, it measured 1.01-1.10x faster than eager next to the compiled per-token step (benchmarks/RESULTS.md).
 """
 import functools
 
@@ -57,8 +57,9 @@ def _step_function(step, compile, dynamic: bool = False):
     mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
 
     Measured on the loaded 2-core CPU (benchmarks/bench_sampling.py, width 256, 1+4+2 layers, compiled / eager
-    images/s): batch 1 1.09-1.39x, batch 16 0.98-1.12x (DPAR with fixed 2-token patches 0.98x), plus ~20-60 s of
-    compile time per graph when inductor's cache is cold; so compile stays off by default. What limits it on CPU:
+    images/s, two runs): batch 1 1.09-1.39x, batch 16 0.98-1.75x (0.98x: DPAR with fixed 2-token patches in the
+    more loaded run), plus ~20-60 s of compile time per graph when inductor's cache is cold (3-8 s warm); so
+    compile stays off by default. What limits it on CPU:
     the matmuls and the kvcache kernel are most of a step; under the profiler dynamo's guard check costs ~0.7 ms per
     call, and a compiled graph calls dk ops through the torch.library dispatcher (~0.3 ms more per kvcache_attention
     call at batch 1), which the eager path skips.
@@ -169,7 +170,7 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     global sequence (one cached global step for just those rows); the decoder then predicts token t from the
     encoder state of token t-1 and the global output before t's patch; the sampled token feeds the encoder
     and the entropy model. Returns tokens int64 [B, H*W] and the PatchBatch of the patches used.
-    ``compile``: see _step_function (same tokens; the global step stays eager).
+    ``compile``: see _step_function (same tokens; the global step compiles with dynamic shapes).
     """
     check_sampling_args(cfg_scale=cfg_scale, temperature=temperature, threshold=threshold)
     c = model.config
@@ -206,7 +207,7 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
             count, longest = patches.summary(starting, t)
             if count:
                 append_patches(model, global_cache, condition, states, starting, patches.start, count, longest, t,
-                                batch, rows)
+                               batch, rows)
                 patches.close(starting, t)
         tokens[:, t], previous, entropy = step(model, decoder_cache, encoder_cache, entropy_model, entropy_cache,
                                                previous, condition, _noise(model, batch, temperature, generator),
