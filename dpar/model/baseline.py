@@ -48,8 +48,10 @@ class LlamaGenBaseline(nn.Module):
         logits = self.forward(tokens, labels)
         return nn.functional.cross_entropy(logits.float(), tokens.reshape(-1))
 
-    def generate(self, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Samples token grids int64 [B, H*W] with a KV cache; see dpar.generation.generate_baseline."""
+    def generate(self, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 compile=False):
+        """Samples token grids int64 [B, H*W] with a KV cache; see dpar.generation.generate_baseline.
+        compile=True runs the per-token step as one torch.compile graph (same tokens; a str picks the mode)."""
         from .generation import generate_baseline
         return generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, generator=generator)
+                                 top_p=top_p, generator=generator, compile=compile)

@@ -107,11 +107,13 @@ class DPAR(nn.Module):
         return nn.functional.cross_entropy(logits.float(), tokens.reshape(-1))
 
     def generate(self, class_labels, *, entropy_model, threshold, max_patch_size, cfg_scale=1.0, temperature=1.0,
-                 top_k=None, top_p=None, generator=None, return_patches=False):
+                 top_k=None, top_p=None, generator=None, return_patches=False, compile=False):
         """Samples token grids int64 [B, H*W] with KV caches; see dpar.generation.generate_dpar.
-        With return_patches=True returns (tokens, PatchBatch of the patches used)."""
+        With return_patches=True returns (tokens, PatchBatch of the patches used). compile=True runs the per-token
+        step as one torch.compile graph (same tokens; a str picks the torch.compile mode)."""
         from .generation import generate_dpar
         tokens, patches = generate_dpar(self, class_labels, entropy_model=entropy_model, threshold=threshold,
                                         max_patch_size=max_patch_size, cfg_scale=cfg_scale,
-                                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                        compile=compile)
         return (tokens, patches) if return_patches else tokens

@@ -6,13 +6,23 @@ rows of a pair receive the same sampled token and share patch boundaries.
 Host reads: the baseline reads no tensor value per token; DPAR reads one small tensor per token (how many images
 start a patch and the longest such patch), so that the global step runs only when some image starts a patch and
 for those images only. Everything else, patch bookkeeping included, stays on the device.
+
+The per-token step (the baseline's whole model.run; DPAR's decoder step + sampling + encoder step + entropy step)
+is one function of tensors and caches, with the position taken from the cache lengths on the device (no Python
+int), so ``compile=True`` runs it as one torch.compile graph (fullgraph, static shapes) that never recompiles across
+tokens. Its sampling noise is drawn eagerly from the generator (sampling.sampling_noise), so compiled and eager
+runs give the same tokens. DPAR's global step (a data-dependent number of rows and patch length) compiles with
+dynamic shapes into a few graphs, one per specialization (all images or some, one image, one-token patches):
+compiled, it measured 1.01-1.10x faster than eager next to the compiled per-token step (benchmarks/RESULTS.md).
 """
+import functools
+
 import torch
 
 from .blocks import grid_positions
 from .kv_cache import KVCache
 from .patcher import PatchBatch
-from .sampling import guided_logits, sample_logits
+from .sampling import guided_logits, sample_logits, sampling_noise
 from .sampling_args import check_sampling_args
 
 
@@ -42,24 +52,66 @@ def _repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x])
 
 
+def _step_function(step, compile, dynamic: bool = False):
+    """``step`` itself (compile False, the default) or its compiled version (compile True: torch.compile's default
+    mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
+
+    Measured on the loaded 2-core CPU (benchmarks/bench_sampling.py, width 256, 1+4+2 layers, compiled / eager
+    images/s, two runs): batch 1 1.09-1.39x, batch 16 0.98-1.75x (0.98x: DPAR with fixed 2-token patches in the
+    more loaded run), plus ~20-60 s of compile time per graph when inductor's cache is cold (3-8 s warm); so
+    compile stays off by default. What limits it on CPU:
+    the matmuls and the kvcache kernel are most of a step; under the profiler dynamo's guard check costs ~0.7 ms per
+    call, and a compiled graph calls dk ops through the torch.library dispatcher (~0.3 ms more per kvcache_attention
+    call at batch 1), which the eager path skips.
+    "reduce-overhead" (CUDA graphs) is not run on a GPU: the caches are fresh tensors mutated in place, which CUDA
+    graph trees may refuse to capture."""
+    if compile is False:
+        return step
+    if compile is True or isinstance(compile, str):
+        return _compiled(step, None if compile is True else compile, dynamic)
+    raise TypeError(f"compile must be a bool or a torch.compile mode string, got {type(compile).__name__}")
+
+
+@functools.cache
+def _compiled(step, mode, dynamic: bool):
+    """One compiled wrapper per (step, mode), so later generate calls reuse its graphs (the shapes of a call are
+    fixed: rows, width, vocabulary; a new batch size compiles once more)."""
+    return torch.compile(step, fullgraph=True, dynamic=dynamic, mode=mode)
+
+
+def _noise(model, batch: int, temperature: float, generator):
+    """The sampling noise of one token [batch, 1] (None when greedy), drawn eagerly from ``generator``."""
+    weight = model.head.weight
+    return sampling_noise(batch, temperature=temperature, dtype=weight.dtype, device=weight.device,
+                          generator=generator)
+
+
+def _baseline_step(model, cache, inputs, noise, batch: int, cfg_scale: float, sampling: dict):
+    """One token of every row: inputs [rows, D] (class or previous token embeddings) -> (tokens int64 [batch],
+    next inputs [rows, D]). The sequence position is the cache length (on the device)."""
+    cache.begin()
+    logits = model.run(inputs, cache.lengths.long(), cache=cache)
+    cache.commit()
+    token = _next_tokens(logits, batch, cfg_scale, dict(sampling, noise=noise))
+    return token, model.token_embed(_repeat_rows(token, inputs.shape[0]))
+
+
 @torch.no_grad()
 def generate_baseline(model, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
-                      generator=None) -> torch.Tensor:
-    """LlamaGenBaseline sampling -> tokens int64 [B, H*W]."""
+                      generator=None, compile=False) -> torch.Tensor:
+    """LlamaGenBaseline sampling -> tokens int64 [B, H*W]. ``compile``: see _step_function (same tokens)."""
     check_sampling_args(cfg_scale=cfg_scale, temperature=temperature)
     labels = _labels(model, class_labels, cfg_scale)
     rows, length = labels.numel(), model.config.tokens_per_image
     batch = rows if cfg_scale == 1.0 else rows // 2
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    step = _step_function(_baseline_step, compile)
     cache = _cache(model, model.config.total_layers, rows, length)
     tokens = torch.empty(batch, length, dtype=torch.long, device=labels.device)
     inputs = model.class_embed(labels)
     for t in range(length):
-        cache.begin()
-        logits = model.run(inputs, torch.full((rows,), t, device=labels.device), cache=cache)
-        cache.commit()
-        tokens[:, t] = _next_tokens(logits, batch, cfg_scale, sampling)
-        inputs = model.token_embed(_repeat_rows(tokens[:, t], rows))
+        tokens[:, t], inputs = step(model, cache, inputs, _noise(model, batch, temperature, generator), batch,
+                                    cfg_scale, sampling)
     return tokens
 
 
@@ -110,13 +162,15 @@ def _thresholds(threshold, batch: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_size: int, cfg_scale=1.0,
-                  temperature=1.0, top_k=None, top_p=None, generator=None) -> tuple[torch.Tensor, PatchBatch]:
+                  temperature=1.0, top_k=None, top_p=None, generator=None,
+                  compile=False) -> tuple[torch.Tensor, PatchBatch]:
     """DPAR sampling with patch boundaries decided online from the entropy model.
 
     Per token t: if t starts a patch, the finished patches of those images are embedded and appended to the
     global sequence (one cached global step for just those rows); the decoder then predicts token t from the
     encoder state of token t-1 and the global output before t's patch; the sampled token feeds the encoder
     and the entropy model. Returns tokens int64 [B, H*W] and the PatchBatch of the patches used.
+    ``compile``: see _step_function (same tokens; the global step compiles with dynamic shapes).
     """
     check_sampling_args(cfg_scale=cfg_scale, temperature=temperature, threshold=threshold)
     c = model.config
@@ -129,11 +183,13 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     batch = rows if cfg_scale == 1.0 else rows // 2
     thresholds = _thresholds(threshold, batch, device)
     entropy_needed = bool((thresholds < float("inf")).any())  # all +inf: fixed-size patches, no entropy model
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    step = _step_function(_dpar_step, compile)
+    append_patches = _step_function(_append_patches, compile, dynamic=True)
     encoder_cache = _cache(model, c.encoder_layers, rows, length)
     global_cache = _cache(model, c.global_layers, rows, length + 1)
     decoder_cache = _cache(model, c.decoder_layers, rows, length)
-    entropy_cache = entropy_model.new_cache(batch, device, entropy_model.head.weight.dtype)
+    entropy_cache = entropy_model.new_cache(batch, device, entropy_model.head.weight.dtype) if entropy_needed else None
 
     global_cache.begin()
     class_out = model.run_global(model.class_embed(labels), torch.zeros(rows, 3, dtype=torch.long, device=device),
@@ -143,30 +199,38 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     states = torch.empty(rows, length, c.width, dtype=condition.dtype, device=device)  # encoder outputs
     tokens = torch.empty(batch, length, dtype=torch.long, device=device)
     patches = _OpenPatches(batch, length, max_patch_size, c.grid_width, device)
+    previous = model.decoder_start.to(states.dtype).repeat(rows, 1)  # encoder state before token 0
     entropy = None
     for t in range(length):
         if t > 0:
             starting = patches.starts_at(t, entropy, thresholds)
             count, longest = patches.summary(starting, t)
             if count:
-                _append_patches(model, global_cache, condition, states, starting, patches.start, count, longest, t,
-                                batch, rows)
+                append_patches(model, global_cache, condition, states, starting, patches.start, count, longest, t,
+                               batch, rows)
                 patches.close(starting, t)
-        decoder_cache.begin()
-        previous = model.decoder_start.expand(rows, -1).to(states.dtype) if t == 0 else states[:, t - 1]
-        positions = grid_positions(torch.full((rows,), t, device=device), c.grid_width)
-        rope = model.token_rope(positions, states.dtype)
-        logits = model.decode(previous, condition, rope, cache=decoder_cache)
-        decoder_cache.commit()
-        tokens[:, t] = _next_tokens(logits, batch, cfg_scale, sampling)
-
-        encoder_cache.begin()
-        embedded = model.token_embed(_repeat_rows(tokens[:, t], rows))
-        states[:, t] = model.encoder(embedded, rope, cache=encoder_cache)
-        encoder_cache.commit()
-        if entropy_needed and t + 1 < length:
-            entropy = entropy_model.step(entropy_cache, tokens[:, t])
+        tokens[:, t], previous, entropy = step(model, decoder_cache, encoder_cache, entropy_model, entropy_cache,
+                                               previous, condition, _noise(model, batch, temperature, generator),
+                                               batch, cfg_scale, sampling)
+        states[:, t] = previous
     return tokens, patches.patch_batch()
+
+
+def _dpar_step(model, decoder_cache, encoder_cache, entropy_model, entropy_cache, previous, condition, noise,
+               batch: int, cfg_scale: float, sampling: dict):
+    """Token t of every row: previous [rows, D] (encoder state of token t-1), condition [rows, layers*D] ->
+    (tokens int64 [batch], encoder states of token t [rows, D], entropy float32 [batch] of the prediction of token
+    t+1, or None without an entropy cache). The position t is the decoder cache's length (on the device)."""
+    rope = model.token_rope(grid_positions(decoder_cache.lengths, model.config.grid_width), previous.dtype)
+    decoder_cache.begin()
+    logits = model.decode(previous, condition, rope, cache=decoder_cache)
+    decoder_cache.commit()
+    token = _next_tokens(logits, batch, cfg_scale, dict(sampling, noise=noise))
+    encoder_cache.begin()
+    state = model.encoder(model.token_embed(_repeat_rows(token, previous.shape[0])), rope, cache=encoder_cache)
+    encoder_cache.commit()
+    entropy = None if entropy_cache is None else entropy_model.step(entropy_cache, token)
+    return token, state, entropy
 
 
 def _append_patches(model, global_cache, condition, states, starting, start, count: int, longest: int, t: int,

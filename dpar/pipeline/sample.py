@@ -22,10 +22,12 @@ def _pyplot():
 
 @torch.no_grad()
 def sample_tokens(model, kind: str, labels: torch.Tensor, *, entropy_model=None, threshold=None, max_patch_size=4,
-                  cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, seed=0):
-    """(tokens int64 [B, T], patch_lengths int32 [P] or None, cu_patches int32 [B+1] or None)."""
+                  cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, seed=0, compile=False):
+    """(tokens int64 [B, T], patch_lengths int32 [P] or None, cu_patches int32 [B+1] or None). ``compile``: see
+    model.generate (the same tokens)."""
     generator = torch.Generator(labels.device).manual_seed(seed)
-    knobs = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    knobs = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                 compile=compile)
     if kind == "baseline":
         return model.generate(labels, **knobs), None, None
     if entropy_model is None or threshold is None:
@@ -125,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the per-token step (the same tokens; pays ~30 s+ of compile time per "
+                        "graph, so it wins for long runs: benchmarks/RESULTS.md, 'Compiled sampling')")
     parser.add_argument("--image-size", type=int, help="size of each decoded image (default: 64 for the palette "
                         "tokenizer, the VQ's own 16 x grid)")
     parser.add_argument("--out", required=True, help="output PNG of the sample grid")
@@ -146,7 +151,7 @@ def main(args: argparse.Namespace) -> None:
     tokens, _, _ = sample_tokens(model, args.kind, labels, entropy_model=entropy_model,
                                  threshold=args.threshold, max_patch_size=args.max_patch_size,
                                  cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed)
+                                 top_p=args.top_p, seed=args.seed, compile=args.compile)
     grid = (info["config"]["grid_height"], info["config"]["grid_width"])
     images = decode(tokens.reshape(-1, *grid))
     save_image_grid(images, args.out, args.per_class, [f"class {c}" for c in classes])
