@@ -52,8 +52,14 @@ def dense_reference(q, k, v, cu_q, cu_k, scale, causal):
     return out, torch.where(sees, lse, -math.inf)
 
 
-def make_inputs(lengths_q, lengths_k, heads_q, heads_k, d, dtype, requires_grad=True):
+def make_inputs(lengths_q, lengths_k, heads_q, heads_k, d, dtype, requires_grad=True, strided=False):
+    """Random q, k, v; strided: q a head slice of a wider tensor and k, v the halves of one fused kv (as in the
+    model), none of them contiguous."""
     cu_q, cu_k = cu_from_lengths(lengths_q), cu_from_lengths(lengths_k)
+    if strided:
+        q = torch.randn(int(cu_q[-1]), heads_q + 1, d, dtype=dtype, requires_grad=requires_grad)[:, 1:]
+        k, v = torch.randn(int(cu_k[-1]), 2 * heads_k, d, dtype=dtype, requires_grad=requires_grad).chunk(2, dim=1)
+        return q, k, v, cu_q, cu_k
     q = torch.randn(int(cu_q[-1]), heads_q, d, dtype=dtype)
     k = torch.randn(int(cu_k[-1]), heads_k, d, dtype=dtype)
     v = torch.randn(int(cu_k[-1]), heads_k, d, dtype=dtype)
@@ -73,8 +79,9 @@ def poisoned_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
-def check_against_reference(backend, dtype, lengths_q, lengths_k, heads_q, heads_k, d, causal, factor=1.0):
-    q, k, v, cu_q, cu_k = make_inputs(lengths_q, lengths_k, heads_q, heads_k, d, dtype)
+def check_against_reference(backend, dtype, lengths_q, lengths_k, heads_q, heads_k, d, causal, factor=1.0,
+                            strided=False):
+    q, k, v, cu_q, cu_k = make_inputs(lengths_q, lengths_k, heads_q, heads_k, d, dtype, strided=strided)
     scale = 1.0 / math.sqrt(d)
     out, lse = dk.varlen_attention(q, k, v, cu_q, cu_k, max(lengths_q, default=0), max(lengths_k, default=0),
                                    causal=causal, return_lse=True, backend=backend)
@@ -115,6 +122,44 @@ CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_dense_reference(backend, dtype, case, poisoned_outputs):
     check_against_reference(backend, dtype, *CASES[case])
+
+
+# Short queries: the C++ forward loads key blocks per item when every sequence's queries fit one 32-row block, and
+# tiles of at most 4 query rows (forward and fused backward) score against key rows instead of transposed blocks;
+# longer sequences use the shared per-call key tiles. Each case pins which paths run (see csrc/cpu/attention.cpp).
+SHORT_CASES = {
+    # name: (lengths_q, lengths_k)
+    "one_query_over_0_1_2_5_70_keys": ([1, 1, 1, 1, 1], [0, 1, 2, 5, 70]),  # row dots, 70 keys: two key blocks
+    "up_to_4_queries_mixed": ([4, 1, 3, 2, 1, 0], [2, 0, 5, 1, 3, 4]),  # row dots; causal Lq > Lk: blind rows
+    "up_to_32_queries": ([20, 1, 32, 5], [5, 70, 32, 0]),  # per-item transposed blocks (rows > 4)
+    "one_long_sequence_among_single_queries": ([1, 1, 40, 1], [0, 2, 40, 5]),  # shared key tiles
+    "single_queries_one_long_key_sequence": ([1, 1, 1], [2, 130, 1]),  # short path, row dots over 3 key blocks
+}
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", list(SHORT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_query_tiles_match_reference(backend, dtype, case, causal, strided, poisoned_outputs):
+    lengths_q, lengths_k = SHORT_CASES[case]
+    check_against_reference(backend, dtype, lengths_q, lengths_k, 4, 2, 16, causal, strided=strided)
+
+
+@requires_extension
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d", [16, 64, 7])
+def test_patch_cross_attention_shape(threads, d):
+    """The model's patch cross-attention: one query per patch over its 1..4 tokens, k/v halves of one projection,
+    many sequences (small items in memory order, spread over the threads)."""
+    lengths_k = torch.randint(1, 5, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference("cpu", torch.float32, [1] * len(lengths_k), lengths_k, 4, 4, d, False, strided=True)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 40, 7])

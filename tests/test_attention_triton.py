@@ -125,6 +125,46 @@ def test_gpu_tile_table(monkeypatch, dtype, d, causal):
     _check([2, 45, 0, 17], [3, 50, 4, 17], hq=2, hk=1, d=d, dtype=dtype, causal=causal)
 
 
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 32), (torch.float16, 128)])
+def test_gpu_tiles_shrink_to_short_sequences(monkeypatch, dtype, d):
+    """The GPU tile table sized from max_seqlen_q and max_seqlen_k: one query over at most 5 keys runs 16 x 16
+    tiles in every kernel (forward, dK/dV, dQ), a long side keeps its table size, a short one shrinks alone."""
+    from dpar_kernels.attention import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "triton_interpreter", lambda: False)
+    q = torch.empty(0, 1, d, dtype=dtype)
+    for kind, table in triton_kernels._GPU_TILES.items():
+        base = table[(dtype == torch.float32, d > 64)]
+        assert (triton_kernels._tiles(kind, q, 1, 5).m, triton_kernels._tiles(kind, q, 1, 5).n) == (16, 16), kind
+        assert triton_kernels._tiles(kind, q, 1, 4096) == triton_kernels._Tiles(16, base.n, base.warps, base.stages)
+        assert triton_kernels._tiles(kind, q, 4096, 2) == triton_kernels._Tiles(base.m, 16, base.warps, base.stages)
+        assert triton_kernels._tiles(kind, q, 4096, 4096) == base
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_query_over_0_1_2_5_keys(dtype, causal):
+    """The short-tile launch (grids of one 16-row block per sequence) with empty and 1..5-key sequences, a query
+    head group and strided k, v."""
+    q, kv, cu_q, cu_k = _strided_one_query_inputs([0, 1, 2, 5, 3, 1], heads_q=4, heads_kv=2, d=32, dtype=dtype)
+    k, v = kv.chunk(2, dim=1)
+    out = dk.varlen_attention(q, k, v, cu_q, cu_k, 1, 5, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, kv), dout)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, dout, cu_q, cu_k, 1, 5, causal)
+    assert_close(out, ref_out, dtype)
+    assert_close(grads[0], ref_dq, dtype)
+    assert_close(grads[1], torch.cat([ref_dk, ref_dv], 1), dtype)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # the query over no key
+
+
+def _strided_one_query_inputs(lengths_k, heads_q, heads_kv, d, dtype):
+    """One query per sequence; kv [Tk, 2 * heads_kv, d] a leaf whose halves are k and v."""
+    kv = torch.randn(sum(lengths_k), 2 * heads_kv, d, dtype=dtype, requires_grad=True)
+    q = torch.randn(len(lengths_k), heads_q, d, dtype=dtype, requires_grad=True)
+    return q, kv, cu_from_lengths([1] * len(lengths_k)), cu_from_lengths(lengths_k)
+
+
 @pytest.mark.parametrize("d", [96, 128])
 def test_forward_other_head_dims(d):
     lengths = [1, 7, 20]

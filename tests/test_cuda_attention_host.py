@@ -153,6 +153,9 @@ CASES = [
     (torch.float16, 128, 2, 2, True, ([70], [70]), True),
     (torch.bfloat16, 80, 2, 2, True, MIXED, True),
     (torch.float16, 64, 1, 1, True, ([200, 1, 1], [130, 1, 0]), False),  # 70 blind queries, many tiles each way
+    # at most 16 queries per sequence: the short plans (16-row blocks), with blind rows and 2 key blocks
+    (torch.float16, 64, 4, 2, True, ([16, 3, 0, 1, 9], [5, 40, 2, 1, 70]), False),
+    (torch.float32, 32, 2, 2, False, ([16, 1, 2, 1], [0, 33, 5, 2]), True),
 ]
 
 

@@ -8,7 +8,11 @@
 // Work is a flat list of tiles built from cu_seqlens, heaviest first, handed out dynamically to the threads of
 // at::parallel_for (OpenMP), so one long sequence and many short ones balance. Each item owns its output rows:
 // no atomics, deterministic. Forward: items (sequence, query head, block of kBlockQ queries) loop over key
-// blocks of kBlockK with an online softmax, skipping key blocks above the causal diagonal. Backward, fused (the
+// blocks of kBlockK with an online softmax, skipping key blocks above the causal diagonal. The key blocks are
+// converted once per call into shared tiles when a sequence has several query blocks to reuse them; when every
+// sequence's queries fit one block (short queries: patch cross-attention, decode) each item loads its own key
+// blocks instead, touching only the keys it reads. Tiles of at most kRowDotRows query rows (one query per
+// sequence) compute their scores as dot products with key rows, without transposing the keys. Backward, fused (the
 // usual case): items (sequence, kv head) loop over key blocks, then over the query heads of the group and the
 // query blocks that see the keys, computing P and dS once per tile for dQ, dK and dV. Backward, split (when one
 // such item would dominate a thread's share): dK/dV items (sequence, kv head, key block) as above, then dQ items
@@ -26,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "cpu/attention_tiles.h"
@@ -35,6 +40,7 @@ namespace {
 
 using cpu::attention::kBlockK;
 using cpu::attention::kBlockQ;
+using cpu::attention::kRowDotRows;
 
 // ---------------------------------------------------------------------------------------------- validation
 
@@ -76,6 +82,11 @@ struct Problem {
   int64_t batch() const { return static_cast<int64_t>(cu_q.size()) - 1; }
   int64_t len_q(int64_t b) const { return cu_q[b + 1] - cu_q[b]; }
   int64_t len_k(int64_t b) const { return cu_k[b + 1] - cu_k[b]; }
+  int64_t longest_q() const {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < batch(); ++b) longest = std::max(longest, len_q(b));
+    return longest;
+  }
   // Keys [0, end) are visible to at least one of the queries [0, q_end) of sequence b.
   int64_t key_end(int64_t b, int64_t q_end) const {
     return causal ? std::clamp<int64_t>(len_k(b) - len_q(b) + q_end, 0, len_k(b)) : len_k(b);
@@ -119,19 +130,28 @@ struct WorkItem {
   int64_t cost;
 };
 
-// Items (sequence, head, block) over `len(b)` rows per sequence, heaviest first.
+// Items (sequence, head, block) over `len(b)` rows per sequence, heaviest first; in memory order when every item
+// is small (at most 1/kSmallItemShare of the total: the dynamic hand-out balances them anyway, and walking the
+// sequences in order reads k and v sequentially, which is what short items are bound by).
+constexpr int64_t kSmallItemShare = 64;
+
 template <typename Length, typename Cost>
 std::vector<WorkItem> make_items(int64_t batch, int64_t heads, int64_t block, Length len, Cost cost) {
   std::vector<WorkItem> items;
+  int64_t total = 0, heaviest = 0;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t start = 0; start < len(b); start += block) {
       const int64_t c = cost(b, start, std::min(block, len(b) - start));
+      total += c * heads;
+      heaviest = std::max(heaviest, c);
       for (int64_t h = 0; h < heads; ++h) {
         items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(start / block), c});
       }
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  if (heaviest * kSmallItemShare > total) {
+    std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  }
   return items;
 }
 
@@ -143,6 +163,12 @@ int64_t total_cost(const std::vector<WorkItem>& items) {
   int64_t total = 0;
   for (const WorkItem& item : items) total += item.cost;
   return total;
+}
+
+int64_t heaviest_cost(const std::vector<WorkItem>& items) {
+  int64_t heaviest = 0;
+  for (const WorkItem& item : items) heaviest = std::max(heaviest, item.cost);
+  return heaviest;
 }
 
 template <typename Scratch, typename Fn>
@@ -165,16 +191,18 @@ void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
 
 // Per-thread tile buffers in the compute type; rows of head-dim vectors have the padded length dp (padding
 // stays zero: loads write only the first d entries of a row).
+// kt, k_rows and v_rows hold one key block for items that load their own keys (short-query forward).
 template <typename acc_t>
 struct Workspace {
   int64_t dp;
-  std::vector<acc_t> q, dout, s, ds, acc, acc2, m, l, lse, delta;
+  std::vector<acc_t> q, dout, s, ds, acc, acc2, m, l, lse, delta, kt, k_rows, v_rows;
   std::vector<int> visible;
 
   explicit Workspace(int64_t d)
       : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), s(kBlockQ * kBlockK),
         ds(kBlockQ * kBlockK), acc(std::max(kBlockQ, kBlockK) * dp),
-        acc2(kBlockK * dp), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), visible(kBlockQ) {}
+        acc2(kBlockK * dp), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), kt(d * kBlockK),
+        k_rows(kBlockK * dp), v_rows(kBlockK * dp), visible(kBlockQ) {}
 };
 
 // Per-thread buffers of the fused backward. Whole-sequence buffers (all query heads of a kv-head group, rows of
@@ -183,11 +211,12 @@ template <typename acc_t>
 struct FusedWorkspace {
   int64_t dp;
   std::vector<acc_t> q, dout, dq, lse, delta;          // [group * len_q][dp] / [group * len_q]
-  std::vector<acc_t> kt, vt, k_rows, s, ds, dk, dv;    // one key block
+  std::vector<acc_t> kt, vt, k_rows, v_rows, s, ds, dk, dv;    // one key block
   std::vector<int> visible;
 
   explicit FusedWorkspace(int64_t d)
       : dp(cpu::attention::padded_dim<acc_t>(d)), kt(d * kBlockK), vt(d * kBlockK), k_rows(kBlockK * dp),
+        v_rows(kBlockK * dp),
         s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), visible(kBlockQ) {}
 
   void reserve_queries(int64_t rows) {
@@ -223,12 +252,16 @@ void load_rows(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head
   }
 }
 
-// dst [d][kBlockK] = src rows token0 .. token0+cols transposed, columns >= cols zero.
+// dst [d][kBlockK] = src rows token0 .. token0+cols transposed; columns [cols, cols rounded up to the SIMD
+// width) zero. The tiles read no column past that rounding (their vector count comes from cols), so the rest of
+// a short block is left as it is: zeroing all kBlockK columns would cost more than the block's math.
 template <typename scalar_t, typename acc_t>
 void load_transposed(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head, int64_t cols, int64_t d,
                      acc_t* dst) {
-  if (cols < kBlockK) {
-    for (int64_t c = 0; c < d; ++c) std::fill(dst + c * kBlockK + cols, dst + (c + 1) * kBlockK, acc_t(0));
+  constexpr int64_t W = cpu::attention::Simd<acc_t>::kWidth;
+  const int64_t padded_cols = std::min<int64_t>(kBlockK, (cols + W - 1) / W * W);
+  if (cols < padded_cols) {
+    for (int64_t c = 0; c < d; ++c) std::fill(dst + c * kBlockK + cols, dst + c * kBlockK + padded_cols, acc_t(0));
   }
   for (int64_t j = 0; j < cols; ++j) {
     const scalar_t* row = src.row(token0 + j, head);
@@ -259,7 +292,7 @@ struct KeyTileBuffers {
 };
 
 // Every key block of every (sequence, kv head), converted once per call into the layouts the tiles read:
-// transposed [d][kBlockK] (columns past the sequence zero) and rows [kBlockK][dp] (padding zero). The forward
+// transposed [d][kBlockK] (as load_transposed) and rows [kBlockK][dp] (padding zero). The forward
 // needs K transposed and V rows; the backward also V transposed and K rows.
 template <typename scalar_t>
 struct KeyTiles {
@@ -332,7 +365,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t d = p.head_dim, total_q = q.size(0);
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  const KeyTiles<scalar_t> keys(p, k, v, /*backward=*/false);
+  // Shared key tiles pay off when sequences have several query blocks; short queries load per item.
+  const bool per_item_keys = p.longest_q() <= kBlockQ;
+  std::optional<KeyTiles<scalar_t>> keys;
+  if (!per_item_keys) keys.emplace(p, k, v, /*backward=*/false);
+  const HeadRows<const scalar_t> k_src(k), v_src(v);
   const auto items = make_items(
       p.batch(), p.heads_q, kBlockQ, [&](int64_t b) { return p.len_q(b); },
       [&](int64_t b, int64_t start, int64_t rows) { return rows * p.key_end(b, start + rows); });
@@ -341,16 +378,29 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start);
     const int64_t q_token = p.cu_q[b] + q_start, kv_head = h / p.group;
     load_rows(q_rows, q_token, h, rows, d, scale, ws.q.data(), ws.dp);
-    std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<acc_t>::infinity());
-    std::fill(ws.l.begin(), ws.l.end(), acc_t(0));
+    std::fill(ws.m.begin(), ws.m.begin() + rows, -std::numeric_limits<acc_t>::infinity());
+    std::fill(ws.l.begin(), ws.l.begin() + rows, acc_t(0));
     std::fill(ws.acc.begin(), ws.acc.begin() + rows * ws.dp, acc_t(0));
     const int64_t key_end = p.key_end(b, q_start + rows);
     for (int64_t key = 0; key < key_end; key += kBlockK) {
-      const int64_t cols = std::min<int64_t>(kBlockK, key_end - key);
-      const int64_t tile = keys.tile(b, kv_head, key);
+      const int64_t cols = std::min<int64_t>(kBlockK, key_end - key), k_token = p.cu_k[b] + key;
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
-      cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, keys.transposed_k(tile), keys.rows_v(tile), cols,
-                                   ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
+      if (!per_item_keys) {
+        const int64_t tile = keys->tile(b, kv_head, key);
+        cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, keys->transposed_k(tile), keys->rows_v(tile),
+                                     cols, ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
+        continue;
+      }
+      load_rows(v_src, k_token, kv_head, cols, d, acc_t(1), ws.v_rows.data(), ws.dp);
+      if (rows <= kRowDotRows) {
+        load_rows(k_src, k_token, kv_head, cols, d, acc_t(1), ws.k_rows.data(), ws.dp);
+        cpu::attention::forward_rows_tile(ws.q.data(), rows, ws.dp, ws.k_rows.data(), ws.v_rows.data(), cols,
+                                          ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
+      } else {
+        load_transposed(k_src, k_token, kv_head, cols, d, ws.kt.data());
+        cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, ws.kt.data(), ws.v_rows.data(), cols,
+                                     ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
+      }
     }
     for (int64_t i = 0; i < rows; ++i) {
       const bool sees_keys = ws.l[i] > 0;
@@ -440,7 +490,7 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
   // threads the two-pass split could keep busy (its items are small)
   const int64_t split_threads =
       std::clamp<int64_t>(total_cost(sequence_items) / kMinCostPerThread, 1, at::get_num_threads());
-  if (sequence_items.empty() || sequence_items.front().cost * split_threads <= total_cost(sequence_items)) {
+  if (heaviest_cost(sequence_items) * split_threads <= total_cost(sequence_items)) {
     const HeadRows<const scalar_t> k_src(k), v_src(v);
     run_items<FusedWorkspace<acc_t>>(sequence_items, d, [&](const WorkItem& item, FusedWorkspace<acc_t>& ws) {
       const int64_t b = item.seq, kv_head = item.head, len_q = p.len_q(b), dp = ws.dp;
@@ -457,9 +507,15 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
       std::fill(ws.dq.begin(), ws.dq.begin() + p.group * len_q * dp, acc_t(0));
       for (int64_t key = 0; key < p.len_k(b); key += kBlockK) {
         const int64_t cols = std::min<int64_t>(kBlockK, p.len_k(b) - key), k_token = p.cu_k[b] + key;
-        load_transposed(k_src, k_token, kv_head, cols, d, ws.kt.data());
-        load_transposed(v_src, k_token, kv_head, cols, d, ws.vt.data());
+        // short sequences (every tile of at most kRowDotRows rows) take their scores from key and value rows
+        const bool row_dots = len_q <= kRowDotRows;
         load_rows(k_src, k_token, kv_head, cols, d, acc_t(1), ws.k_rows.data(), dp);
+        if (row_dots) {
+          load_rows(v_src, k_token, kv_head, cols, d, acc_t(1), ws.v_rows.data(), dp);
+        } else {
+          load_transposed(k_src, k_token, kv_head, cols, d, ws.kt.data());
+          load_transposed(v_src, k_token, kv_head, cols, d, ws.vt.data());
+        }
         std::fill(ws.dk.begin(), ws.dk.begin() + cols * dp, acc_t(0));
         std::fill(ws.dv.begin(), ws.dv.begin() + cols * dp, acc_t(0));
         const int64_t first_block = p.first_query(b, key) / kBlockQ * kBlockQ;
@@ -467,6 +523,14 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
           for (int64_t q_start = first_block; q_start < len_q; q_start += kBlockQ) {
             const int64_t rows = std::min<int64_t>(kBlockQ, len_q - q_start), row0 = g * len_q + q_start;
             p.visible(b, q_start, rows, key, cols, ws.visible.data());
+            if (row_dots) {
+              cpu::attention::backward_fused_rows_tile(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, dp,
+                                                       ws.k_rows.data(), ws.v_rows.data(), cols, ws.visible.data(),
+                                                       ws.lse.data() + row0, ws.delta.data() + row0, ws.s.data(),
+                                                       ws.ds.data(), ws.dq.data() + row0 * dp, ws.dk.data(),
+                                                       ws.dv.data());
+              continue;
+            }
             cpu::attention::backward_fused_tile(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, d, dp,
                                                 ws.kt.data(), ws.vt.data(), ws.k_rows.data(), cols,
                                                 ws.visible.data(), ws.lse.data() + row0, ws.delta.data() + row0,

@@ -3,8 +3,8 @@
 // Tiles are dense row-major buffers in the compute type T (float; double for float64 inputs). Rows of head-dim
 // vectors have a padded length dp = padded_dim<T>(d) (a multiple of the SIMD width, padding zero):
 //   q, dout [rows][dp]    query rows (q already multiplied by the softmax scale)
-//   kt, vt  [d][kBlockK]  a key / value block transposed, columns >= cols zero
-//   k, v    [cols][dp]    key / value rows
+//   kt, vt  [d][kBlockK]  a key / value block transposed, columns [cols, cols rounded up to the SIMD width) zero
+//   k, v    [cols][dp]    key / value rows (the *_rows_* entry points read scores from these: see row_scores)
 //   s, p, ds [rows][kBlockK]   scores, probabilities, score gradients
 // visible[i] (0..cols) is the number of leading keys of the block that query row i sees (causal mask).
 // The math is written with GCC/clang vector extensions (64-byte vectors); the float entry points are compiled
@@ -21,6 +21,7 @@ namespace dpar::cpu::attention {
 
 constexpr int kBlockQ = 32;  // query rows per work item
 constexpr int kBlockK = 64;  // keys per tile
+constexpr int kRowDotRows = 4;  // tiles of at most this many query rows take their scores from key rows
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DPAR_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -145,15 +146,46 @@ DPAR_INLINE void block_scores(const T* x, int64_t rows, int64_t d, int64_t dp, c
   gemm_accumulate(x, dp, 1, t, kBlockK, s, kBlockK, rows, d, vectors);
 }
 
-// Forward, one key block: online-softmax update of the running row maximum m, row sum l and unnormalised
-// output o [rows][dp]. s is scratch [rows][kBlockK].
 template <typename T>
-DPAR_INLINE void forward_block(const T* q, int64_t rows, int64_t d, int64_t dp, const T* kt, const T* v,
-                               int64_t cols, const int* visible, T* s, T* m, T* l, T* o) {
+DPAR_INLINE T horizontal_sum(typename Simd<T>::vec v) {
+  constexpr int W = Simd<T>::kWidth;
+  T lanes[W];
+  Simd<T>::store(lanes, v);
+  for (int half = W / 2; half > 0; half /= 2) {
+    for (int k = 0; k < half; ++k) lanes[k] += lanes[k + half];
+  }
+  return lanes[0];
+}
+
+// s[rows][0 : cols] = x[rows][0:dp] . y[cols][0:dp] (row-major, padding zero), one dot product per (row, key);
+// columns up to the next multiple of the SIMD width are zero. For tiles of few query rows (kRowDotRows): the
+// products cost less than transposing the keys for block_scores.
+template <typename T>
+DPAR_INLINE void row_scores(const T* x, int64_t rows, int64_t dp, const T* y, int64_t cols, T* s) {
+  using S = Simd<T>;
+  constexpr int W = S::kWidth;
+  const int64_t padded_cols = (cols + W - 1) / W * W;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xi = x + i * dp;
+    T* si = s + i * kBlockK;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T* yj = y + j * dp;
+      typename S::vec acc{};
+      for (int64_t c = 0; c < dp; c += W) acc += S::load(xi + c) * S::load(yj + c);
+      si[j] = horizontal_sum<T>(acc);
+    }
+    std::fill(si + cols, si + padded_cols, T(0));
+  }
+}
+
+// Forward, one key block with its scores s [rows][kBlockK] (q . k, columns up to the SIMD rounding of cols
+// finite): online-softmax update of the running row maximum m, row sum l and unnormalised output o [rows][dp].
+template <typename T>
+DPAR_INLINE void forward_update(int64_t rows, int64_t dp, const T* v, int64_t cols, const int* visible, T* s, T* m,
+                                T* l, T* o) {
   using S = Simd<T>;
   constexpr int W = S::kWidth;
   const int64_t vectors = (cols + W - 1) / W;
-  block_scores(q, rows, d, dp, kt, vectors, s);
   const typename S::vec lanes = S::lane_index();
   for (int64_t i = 0; i < rows; ++i) {
     T* si = s + i * kBlockK;
@@ -191,17 +223,23 @@ DPAR_INLINE void forward_block(const T* q, int64_t rows, int64_t d, int64_t dp, 
   gemm_accumulate(s, kBlockK, 1, v, dp, o, dp, rows, cols, dp / W);
 }
 
-// Backward, one (query block, key block) tile: p = P = exp(S - lse) and ds = P * (dP - delta) with dP = dout v^T,
-// both zero where the key is hidden (columns up to the block's vector width).
+// Forward, one key block: forward_update with s (scratch [rows][kBlockK]) = q . kt.
 template <typename T>
-DPAR_INLINE void backward_probabilities(const T* q, const T* dout, int64_t rows, int64_t d, int64_t dp, const T* kt,
-                                        const T* vt, int64_t cols, const int* visible, const T* lse,
-                                        const T* delta, T* p, T* ds) {
+DPAR_INLINE void forward_block(const T* q, int64_t rows, int64_t d, int64_t dp, const T* kt, const T* v,
+                               int64_t cols, const int* visible, T* s, T* m, T* l, T* o) {
+  constexpr int W = Simd<T>::kWidth;
+  block_scores(q, rows, d, dp, kt, (cols + W - 1) / W, s);
+  forward_update(rows, dp, v, cols, visible, s, m, l, o);
+}
+
+// Backward, one tile from its scores p = S = q . k and ds = dP = dout . v (columns up to the SIMD rounding of
+// cols finite), in place: p = P = exp(S - lse) and ds = P * (dP - delta), both zero where the key is hidden.
+template <typename T>
+DPAR_INLINE void backward_from_scores(int64_t rows, int64_t cols, const int* visible, const T* lse, const T* delta,
+                                      T* p, T* ds) {
   using S = Simd<T>;
   constexpr int W = S::kWidth;
   const int64_t vectors = (cols + W - 1) / W;
-  block_scores(q, rows, d, dp, kt, vectors, p);
-  block_scores(dout, rows, d, dp, vt, vectors, ds);
   const typename S::vec lanes = S::lane_index();
   for (int64_t i = 0; i < rows; ++i) {
     T* pi = p + i * kBlockK;
@@ -215,6 +253,28 @@ DPAR_INLINE void backward_probabilities(const T* q, const T* dout, int64_t rows,
       S::store(dsi + j, masked * (S::load(dsi + j) - delta[i]));
     }
   }
+}
+
+// Backward, one (query block, key block) tile: backward_from_scores on the scores of kt and vt.
+template <typename T>
+DPAR_INLINE void backward_probabilities(const T* q, const T* dout, int64_t rows, int64_t d, int64_t dp, const T* kt,
+                                        const T* vt, int64_t cols, const int* visible, const T* lse,
+                                        const T* delta, T* p, T* ds) {
+  constexpr int W = Simd<T>::kWidth;
+  const int64_t vectors = (cols + W - 1) / W;
+  block_scores(q, rows, d, dp, kt, vectors, p);
+  block_scores(dout, rows, d, dp, vt, vectors, ds);
+  backward_from_scores(rows, cols, visible, lse, delta, p, ds);
+}
+
+// Backward, the three products of one tile from its p and ds: dv += P^T dout, dk += dS^T q, dq += dS k.
+template <typename T>
+DPAR_INLINE void backward_products(const T* q, const T* dout, int64_t rows, int64_t dp, const T* k, int64_t cols,
+                                   const T* p, const T* ds, T* dq, T* dk, T* dv) {
+  constexpr int W = Simd<T>::kWidth;
+  gemm_accumulate(p, 1, kBlockK, dout, dp, dv, dp, cols, rows, dp / W);  // P^T: element (j, i) is p[i][j]
+  gemm_accumulate(ds, 1, kBlockK, q, dp, dk, dp, cols, rows, dp / W);
+  gemm_accumulate(ds, kBlockK, 1, k, dp, dq, dp, rows, cols, dp / W);
 }
 
 // Backward, dK/dV side of one tile: dv += P^T dout, dk += dS^T q (q pre-scaled, so dk needs no extra scale).
@@ -244,9 +304,27 @@ template <typename T>
 DPAR_INLINE void backward_fused_block(const T* q, const T* dout, int64_t rows, int64_t d, int64_t dp, const T* kt,
                                       const T* vt, const T* k, int64_t cols, const int* visible, const T* lse,
                                       const T* delta, T* p, T* ds, T* dq, T* dk, T* dv) {
-  constexpr int W = Simd<T>::kWidth;
-  backward_key_block(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds, dk, dv);
-  gemm_accumulate(ds, kBlockK, 1, k, dp, dq, dp, rows, cols, dp / W);
+  backward_probabilities(q, dout, rows, d, dp, kt, vt, cols, visible, lse, delta, p, ds);
+  backward_products(q, dout, rows, dp, k, cols, p, ds, dq, dk, dv);
+}
+
+// Short tiles (rows <= kRowDotRows): the forward and fused backward steps with scores from key and value rows
+// k, v [cols][dp] (no transposed blocks).
+template <typename T>
+DPAR_INLINE void forward_rows_block(const T* q, int64_t rows, int64_t dp, const T* k, const T* v, int64_t cols,
+                                    const int* visible, T* s, T* m, T* l, T* o) {
+  row_scores(q, rows, dp, k, cols, s);
+  forward_update(rows, dp, v, cols, visible, s, m, l, o);
+}
+
+template <typename T>
+DPAR_INLINE void backward_fused_rows_block(const T* q, const T* dout, int64_t rows, int64_t dp, const T* k,
+                                           const T* v, int64_t cols, const int* visible, const T* lse,
+                                           const T* delta, T* p, T* ds, T* dq, T* dk, T* dv) {
+  row_scores(q, rows, dp, k, cols, p);
+  row_scores(dout, rows, dp, v, cols, ds);
+  backward_from_scores(rows, cols, visible, lse, delta, p, ds);
+  backward_products(q, dout, rows, dp, k, cols, p, ds, dq, dk, dv);
 }
 
 // Entry points: float versions compiled per instruction set, double versions plain.
@@ -298,6 +376,28 @@ static void backward_fused_tile(const double* q, const double* dout, int64_t row
                                 const int* visible, const double* lse, const double* delta, double* p, double* ds,
                                 double* dq, double* dk, double* dv) {
   backward_fused_block(q, dout, rows, d, dp, kt, vt, k, cols, visible, lse, delta, p, ds, dq, dk, dv);
+}
+
+DPAR_SIMD_CLONES static void forward_rows_tile(const float* q, int64_t rows, int64_t dp, const float* k,
+                                               const float* v, int64_t cols, const int* visible, float* s, float* m,
+                                               float* l, float* o) {
+  forward_rows_block(q, rows, dp, k, v, cols, visible, s, m, l, o);
+}
+static void forward_rows_tile(const double* q, int64_t rows, int64_t dp, const double* k, const double* v,
+                              int64_t cols, const int* visible, double* s, double* m, double* l, double* o) {
+  forward_rows_block(q, rows, dp, k, v, cols, visible, s, m, l, o);
+}
+
+DPAR_SIMD_CLONES static void backward_fused_rows_tile(const float* q, const float* dout, int64_t rows, int64_t dp,
+                                                      const float* k, const float* v, int64_t cols,
+                                                      const int* visible, const float* lse, const float* delta,
+                                                      float* p, float* ds, float* dq, float* dk, float* dv) {
+  backward_fused_rows_block(q, dout, rows, dp, k, v, cols, visible, lse, delta, p, ds, dq, dk, dv);
+}
+static void backward_fused_rows_tile(const double* q, const double* dout, int64_t rows, int64_t dp, const double* k,
+                                     const double* v, int64_t cols, const int* visible, const double* lse,
+                                     const double* delta, double* p, double* ds, double* dq, double* dk, double* dv) {
+  backward_fused_rows_block(q, dout, rows, dp, k, v, cols, visible, lse, delta, p, ds, dq, dk, dv);
 }
 
 }  // namespace dpar::cpu::attention

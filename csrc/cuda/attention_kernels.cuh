@@ -169,9 +169,9 @@ __device__ __forceinline__ void block_gemm(const T* a, int lda, const T* b, int 
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: one block per (sequence, query block, query head).
-template <typename T, int kD>
+template <typename T, int kD, bool kShort>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(KernelArgs args) {
-  using Plan = ForwardPlan<sizeof(T), kD>;
+  using Plan = ForwardPlan<sizeof(T), kD, kShort>;
   constexpr int kM = Plan::kBlockM, kN = Plan::kBlockN;
   static_assert(kN % 32 == 0, "the softmax gives each lane kN / 32 columns");
   const VarlenAttentionShape& shape = args.shape;
@@ -282,10 +282,10 @@ __global__ void __launch_bounds__(kThreads, 1) delta_kernel(KernelArgs args) {
 // Shared step of both backward kernels, on staged Q, dO, K, V tiles and their rows' lse and delta:
 // S = Q K^T, dP = dO V^T, then P = exp(S * scale - lse) (0 where masked) and dS = P * (dP - delta) * scale,
 // stored in the storage type for the following matmuls.
-template <typename T, int kD>
+template <typename T, int kD, bool kShort>
 __device__ __forceinline__ void probabilities_and_score_grads(const VarlenAttentionShape& shape, const Sequence& seq,
                                                               int q0, int k0) {
-  using Plan = BackwardPlan<sizeof(T), kD>;
+  using Plan = BackwardPlan<sizeof(T), kD, kShort>;
   constexpr int kM = Plan::kBlockM, kN = Plan::kBlockN;
   const T* q_tile = region<T>(Plan::kQ);
   const T* dout_tile = region<T>(Plan::kDout);
@@ -313,9 +313,9 @@ __device__ __forceinline__ void probabilities_and_score_grads(const VarlenAttent
 }
 
 // Stages the Q and dO rows [q0, q0 + rows) of `head` with their lse (in log2 units) and delta.
-template <typename T, int kD>
+template <typename T, int kD, bool kShort>
 __device__ __forceinline__ void load_query_side(const KernelArgs& args, const Sequence& seq, int q0, int head) {
-  using Plan = BackwardPlan<sizeof(T), kD>;
+  using Plan = BackwardPlan<sizeof(T), kD, kShort>;
   constexpr int kM = Plan::kBlockM;
   const int rows = min_int(kM, seq.q_len - q0);
   load_tile<T, kM, kD>(region<T>(Plan::kQ), Plan::kLdQkv, static_cast<const T*>(args.q), args.q_strides,
@@ -333,9 +333,9 @@ __device__ __forceinline__ void load_query_side(const KernelArgs& args, const Se
 
 // dK/dV: one block per (sequence, key block, kv head); loops over the group's query heads and the query blocks that
 // see the key block, accumulating in shared memory (no atomics).
-template <typename T, int kD>
+template <typename T, int kD, bool kShort>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(KernelArgs args) {
-  using Plan = BackwardPlan<sizeof(T), kD>;
+  using Plan = BackwardPlan<sizeof(T), kD, kShort>;
   constexpr int kM = Plan::kBlockM, kN = Plan::kBlockN;
   const VarlenAttentionShape& shape = args.shape;
   const Sequence seq = load_sequence(shape, blockIdx.x);
@@ -358,9 +358,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(KernelArgs args) {
   for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
     for (int q0 = first_q0; q0 < seq.q_len; q0 += kM) {
       __syncthreads();  // previous step's matmuls are done with the query-side tiles
-      load_query_side<T, kD>(args, seq, q0, head);
+      load_query_side<T, kD, kShort>(args, seq, q0, head);
       __syncthreads();
-      probabilities_and_score_grads<T, kD>(shape, seq, q0, k0);
+      probabilities_and_score_grads<T, kD, kShort>(shape, seq, q0, k0);
       // dV += P^T dO, dK += dS^T Q
       block_gemm<T, kN, kD, kM, true, false, true>(region<T>(Plan::kP), Plan::kLdP, region<T>(Plan::kDout),
                                                    Plan::kLdQkv, dv_acc, Plan::kLdAcc);
@@ -376,9 +376,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(KernelArgs args) {
 }
 
 // dQ: one block per (sequence, query block, query head); loops over the key blocks the query block sees.
-template <typename T, int kD>
+template <typename T, int kD, bool kShort>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(KernelArgs args) {
-  using Plan = BackwardPlan<sizeof(T), kD>;
+  using Plan = BackwardPlan<sizeof(T), kD, kShort>;
   constexpr int kM = Plan::kBlockM, kN = Plan::kBlockN;
   const VarlenAttentionShape& shape = args.shape;
   const Sequence seq = load_sequence(shape, blockIdx.x);
@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(KernelArgs args) {
   const int kv_head = head / (shape.heads_q / shape.heads_kv);
   const int rows = min_int(kM, seq.q_len - q0);
 
-  load_query_side<T, kD>(args, seq, q0, head);
+  load_query_side<T, kD, kShort>(args, seq, q0, head);
   float* dq_acc = region<float>(Plan::kAcc0);
   zero_accumulator<kM, kD>(dq_acc, Plan::kLdAcc);
 
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(KernelArgs args) {
     load_tile<T, kN, kD>(region<T>(Plan::kV), Plan::kLdQkv, static_cast<const T*>(args.v), args.v_strides,
                          seq.k_start + k0, kv_head, cols);
     __syncthreads();
-    probabilities_and_score_grads<T, kD>(shape, seq, q0, k0);
+    probabilities_and_score_grads<T, kD, kShort>(shape, seq, q0, k0);
     // dQ += dS K
     block_gemm<T, kM, kD, kN, false, false, true>(region<T>(Plan::kDs), Plan::kLdP, region<T>(Plan::kK),
                                                   Plan::kLdQkv, dq_acc, Plan::kLdAcc);
@@ -415,17 +415,22 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(KernelArgs args) {
 // Host side: grids, shared-memory sizes and kernel arguments. `launch(kernel, grid, smem_bytes, stream, args)` runs
 // one kernel (a CUDA launch in attention.cu, host threads in the emulation).
 
-// Calls body(T{}, std::integral_constant<int, D>{}) for the storage type and head dim of `shape`.
+// Calls body(T{}, std::integral_constant<int, D>{}, std::bool_constant<kShort>{}) for the storage type and head
+// dim of `shape`, kShort when its longest query sequence fits the short plans (kShortQueries).
 template <typename Body>
 cudaError_t dispatch_dtype_and_head_dim(const VarlenAttentionShape& shape, Body&& body) {
   return dispatch_dtype(shape.dtype, [&](auto type_tag) -> cudaError_t {
     using T = decltype(type_tag);
+    auto with_plan = [&](auto dim_tag) -> cudaError_t {
+      return shape.max_seqlen_q <= kShortQueries ? body(T{}, dim_tag, std::true_type{})
+                                                 : body(T{}, dim_tag, std::false_type{});
+    };
     switch (shape.head_dim) {
-      case 32: return body(T{}, std::integral_constant<int, 32>{});
-      case 64: return body(T{}, std::integral_constant<int, 64>{});
-      case 80: return body(T{}, std::integral_constant<int, 80>{});
-      case 96: return body(T{}, std::integral_constant<int, 96>{});
-      case 128: return body(T{}, std::integral_constant<int, 128>{});
+      case 32: return with_plan(std::integral_constant<int, 32>{});
+      case 64: return with_plan(std::integral_constant<int, 64>{});
+      case 80: return with_plan(std::integral_constant<int, 80>{});
+      case 96: return with_plan(std::integral_constant<int, 96>{});
+      case 128: return with_plan(std::integral_constant<int, 128>{});
     }
     return cudaErrorInvalidValue;
   });
@@ -442,12 +447,13 @@ template <typename Launch>
 cudaError_t run_forward(const KernelArgs& args, cudaStream_t stream, Launch&& launch) {
   const VarlenAttentionShape& shape = args.shape;
   if (!valid_shape(shape)) return cudaErrorInvalidValue;
-  return dispatch_dtype_and_head_dim(shape, [&](auto type_tag, auto dim_tag) -> cudaError_t {
+  return dispatch_dtype_and_head_dim(shape, [&](auto type_tag, auto dim_tag, auto short_tag) -> cudaError_t {
     using T = decltype(type_tag);
     constexpr int kD = decltype(dim_tag)::value;
-    using Plan = ForwardPlan<sizeof(T), kD>;
+    constexpr bool kShort = decltype(short_tag)::value;
+    using Plan = ForwardPlan<sizeof(T), kD, kShort>;
     const dim3 grid(shape.batch, ceil_div(shape.max_seqlen_q, Plan::kBlockM), shape.heads_q);
-    return launch(forward_kernel<T, kD>, grid, Plan::kBytes, stream, args);
+    return launch(forward_kernel<T, kD, kShort>, grid, Plan::kBytes, stream, args);
   });
 }
 
@@ -459,10 +465,11 @@ cudaError_t run_backward(KernelArgs args, float* delta_workspace, void* dq, Toke
                          Launch&& launch) {
   const VarlenAttentionShape& shape = args.shape;
   if (!valid_shape(shape)) return cudaErrorInvalidValue;
-  return dispatch_dtype_and_head_dim(shape, [&](auto type_tag, auto dim_tag) -> cudaError_t {
+  return dispatch_dtype_and_head_dim(shape, [&](auto type_tag, auto dim_tag, auto short_tag) -> cudaError_t {
     using T = decltype(type_tag);
     constexpr int kD = decltype(dim_tag)::value;
-    using Plan = BackwardPlan<sizeof(T), kD>;
+    constexpr bool kShort = decltype(short_tag)::value;
+    using Plan = BackwardPlan<sizeof(T), kD, kShort>;
 
     args.delta = delta_workspace;
     KernelArgs delta_args = args;
@@ -475,7 +482,7 @@ cudaError_t run_backward(KernelArgs args, float* delta_workspace, void* dq, Toke
     KernelArgs dq_args = args;
     dq_args.result0 = dq;
     dq_args.result0_strides = dq_strides;
-    err = launch(dq_kernel<T, kD>, dim3(shape.batch, ceil_div(shape.max_seqlen_q, Plan::kBlockM), shape.heads_q),
+    err = launch(dq_kernel<T, kD, kShort>, dim3(shape.batch, ceil_div(shape.max_seqlen_q, Plan::kBlockM), shape.heads_q),
                  Plan::kBytes, stream, dq_args);
     if (err != cudaSuccess) return err;
 
@@ -484,7 +491,7 @@ cudaError_t run_backward(KernelArgs args, float* delta_workspace, void* dq, Toke
     dkdv_args.result0_strides = dk_strides;
     dkdv_args.result1 = dv;
     dkdv_args.result1_strides = dv_strides;
-    return launch(dkdv_kernel<T, kD>, dim3(shape.batch, ceil_div(shape.max_seqlen_k, Plan::kBlockN), shape.heads_kv),
+    return launch(dkdv_kernel<T, kD, kShort>, dim3(shape.batch, ceil_div(shape.max_seqlen_k, Plan::kBlockN), shape.heads_kv),
                   Plan::kBytes, stream, dkdv_args);
   });
 }

@@ -61,12 +61,17 @@ DPAR_HOST_DEVICE constexpr int region_bytes(int rows, int ld, int elem_bytes) {
   return round_up(rows * ld * elem_bytes, kSmemAlign);
 }
 
+// Launches whose longest query sequence has at most kShortQueries queries (patch cross-attention, decoding) run
+// the kShort plans: 16 query rows per block instead of 32 or 64, so a one-query sequence leaves 15 of 16 rows idle
+// instead of 31 of 32 or 63 of 64.
+constexpr int kShortQueries = 16;
+
 // Forward kernel: Q [M x d], K and V [N x d] and P [M x N] in storage type; S [M x N], O [M x d] and the row max and
 // row sum [M] in fp32. Byte offsets of each region inside the dynamic shared memory.
-template <int kElemBytes, int kHeadDim>
+template <int kElemBytes, int kHeadDim, bool kShort = false>
 struct ForwardPlan {
-  static constexpr int kBlockM = kElemBytes == 4 ? 32 : 64;
-  static constexpr int kBlockN = kBlockM;
+  static constexpr int kBlockM = kShort ? kShortQueries : (kElemBytes == 4 ? 32 : 64);
+  static constexpr int kBlockN = kShort ? 32 : kBlockM;  // the softmax gives each lane kBlockN / 32 columns
   static constexpr int kLdQkv = storage_ld(kHeadDim, kElemBytes);
   static constexpr int kLdS = accum_ld(kBlockN);
   static constexpr int kLdP = storage_ld(kBlockN, kElemBytes);
@@ -84,9 +89,9 @@ struct ForwardPlan {
 
 // Backward kernels (dK/dV and dQ share it): Q, dO [M x d], K, V [N x d], P, dS [M x N] in storage type; S, dP
 // [M x N], two accumulators [max(M, N) x d] (dK and dV, or dQ) and lse, delta [M] in fp32.
-template <int kElemBytes, int kHeadDim>
+template <int kElemBytes, int kHeadDim, bool kShort = false>
 struct BackwardPlan {
-  static constexpr int kBlockM = 32;
+  static constexpr int kBlockM = kShort ? kShortQueries : 32;
   static constexpr int kBlockN = 32;
   static constexpr int kAccRows = kBlockM > kBlockN ? kBlockM : kBlockN;
   static constexpr int kLdQkv = storage_ld(kHeadDim, kElemBytes);

@@ -100,9 +100,9 @@ static void check_plan_common(const char* name, int elem_bytes, int head_dim) {
   if (elem_bytes == 2) CHECK(Plan::kLdQkv % 8 == 0 && Plan::kLdP % 8 == 0, "%s wmma ld elem=2 d=%d", name, head_dim);
 }
 
-template <int kElem, int kD>
+template <int kElem, int kD, bool kShort = false>
 static void check_plans() {
-  using F = ForwardPlan<kElem, kD>;
+  using F = ForwardPlan<kElem, kD, kShort>;
   check_plan_common<F>("forward", kElem, kD);
   const int forward_offsets[] = {F::kQ, F::kK, F::kV, F::kS, F::kP, F::kO, F::kRowMax, F::kRowSum, F::kBytes};
   const int forward_sizes[] = {region_bytes(F::kBlockM, F::kLdQkv, kElem), region_bytes(F::kBlockN, F::kLdQkv, kElem),
@@ -115,7 +115,7 @@ static void check_plans() {
   }
   CHECK(F::kLdO % 4 == 0, "forward O ld");
 
-  using B = BackwardPlan<kElem, kD>;
+  using B = BackwardPlan<kElem, kD, kShort>;
   check_plan_common<B>("backward", kElem, kD);
   const int backward_offsets[] = {B::kQ,  B::kDout, B::kK,    B::kV,   B::kS,     B::kDp, B::kP,
                                   B::kDs, B::kAcc0, B::kAcc1, B::kLse, B::kDelta, B::kBytes};
@@ -139,10 +139,15 @@ static void check_plans_all_dims() {
   check_plans<kElem, 80>();
   check_plans<kElem, 96>();
   check_plans<kElem, 128>();
+  check_plans<kElem, 32, true>();
+  check_plans<kElem, 64, true>();
+  check_plans<kElem, 80, true>();
+  check_plans<kElem, 96, true>();
+  check_plans<kElem, 128, true>();
 }
 
 int main() {
-  const int block_sizes[][2] = {{32, 32}, {64, 64}, {4, 8}, {8, 4}, {1, 1}};
+  const int block_sizes[][2] = {{32, 32}, {64, 64}, {16, 32}, {4, 8}, {8, 4}, {1, 1}};
   for (int causal = 0; causal < 2; ++causal) {
     for (int lq = 0; lq <= 40; ++lq) {
       for (int lk = 0; lk <= 40; ++lk) {
