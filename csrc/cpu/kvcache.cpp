@@ -46,35 +46,42 @@ constexpr int kMaxGroup = 8;
 // Bytes of value rows the PV pass streams per chunk before it revisits the other query rows (fits in L1).
 constexpr int64_t kChunkBytes = 16 << 10;
 
-// One level of transpose_sum: with N vectors left, lane block [2h*t, 2h*t + h) of the result folds block t of a
-// (lanes base + off and base + off + h) and the next h lanes fold the same block of b (h = N / 2).
-template <typename T, int H, bool kHigh>
-DPAR_INLINE auto fold_mask() {
+// Lane masks of one transpose_sum level with fold width H: lane i lies at offset i % 2H of its 2H-lane block.
+template <typename T, int H>
+struct FoldMasks {
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I ivec __attribute__((vector_size(64)));
-  constexpr int W = Simd<T>::kWidth;
-  ivec mask;
-  for (int i = 0; i < W; ++i) {
-    const int off = i % (2 * H), base = i - off, shift = kHigh ? H : 0;
-    mask[i] = off < H ? base + off + shift : W + base + off - H + shift;
+  static DPAR_INLINE ivec lower_half() {  // -1 on the first H lanes of each block
+    ivec mask;
+    for (int i = 0; i < Simd<T>::kWidth; ++i) mask[i] = i % (2 * H) < H ? -1 : 0;
+    return mask;
   }
-  return mask;
-}
+  static DPAR_INLINE ivec swap_halves() {  // lane i <- lane i + H or i - H within its block
+    ivec index;
+    for (int i = 0; i < Simd<T>::kWidth; ++i) index[i] = i % (2 * H) < H ? i + H : i - H;
+    return index;
+  }
+};
 
+// One level of transpose_sum with N vectors left (H = N / 2): x[i] <- the 2H-lane blocks of x[i] and x[i + H]
+// folded to H lanes each, x[i]'s in the first half of each block: (a_lo | b_hi) + swap(b_lo | a_hi), i.e. two
+// blends, one one-source permute and one add per pair.
 template <typename T, int N>
 DPAR_INLINE void fold_level(typename Simd<T>::vec* x) {
   if constexpr (N > 1) {
     constexpr int H = N / 2;
+    using M = FoldMasks<T, H>;
+    const typename M::ivec lower = M::lower_half(), swap = M::swap_halves();
     for (int i = 0; i < H; ++i) {
-      x[i] = __builtin_shuffle(x[i], x[i + H], fold_mask<T, H, false>()) +
-             __builtin_shuffle(x[i], x[i + H], fold_mask<T, H, true>());
+      const typename Simd<T>::vec a = x[i], b = x[i + H];
+      x[i] = (lower ? a : b) + __builtin_shuffle(lower ? b : a, swap);
     }
     fold_level<T, H>(x);
   }
 }
 
 // -> a vector whose lane i is the sum of the lanes of x[i] (x is clobbered): log2(W) levels of two-source
-// shuffles and adds, W - 1 adds in all instead of a horizontal reduction per vector.
+// blends, permutes and adds, W - 1 adds in all instead of a horizontal reduction per vector.
 template <typename T>
 DPAR_INLINE typename Simd<T>::vec transpose_sum(typename Simd<T>::vec* x) {
   fold_level<T, Simd<T>::kWidth>(x);
@@ -101,7 +108,7 @@ DPAR_INLINE typename Simd<T>::vec block_dots(const T* q, const T* k, int64_t k_s
 template <typename T, int G>
 DPAR_INLINE void add_values(const T* p, const T* v, int64_t v_stride, int64_t n, T* acc) {
   using S = Simd<T>;
-  constexpr int W = S::kWidth, kChains = G >= 4 ? 1 : 4 / G;
+  constexpr int W = S::kWidth, kChains = std::clamp(8 / G, 1, 4);  // up to 8 accumulators in flight
   typename S::vec sum[kChains][G];
   for (int u = 0; u < kChains; ++u)
     for (int c = 0; c < G; ++c) sum[u][c] = u == 0 ? S::load(acc + c * W) : typename S::vec{};
