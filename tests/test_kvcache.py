@@ -240,3 +240,11 @@ def test_cpu_non_finite_keys_follow_the_reference():
     assert torch.isfinite(out[1]).all() and torch.isnan(out[2]).all()
     assert torch.isfinite(out[3, 0]).all() and torch.isnan(out[3, 1]).all()
     assert_close(out, expected, torch.float32)
+
+
+@requires_extension
+def test_cpu_zero_head_dim_returns_an_empty_output():
+    q, k_cache, v_cache, k, v = _inputs(2, 1, 2, 1, 0, 5, torch.float32)
+    out = dk.kvcache_attention(q, k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32), k, v,
+                               softmax_scale=1.0, backend="cpu")
+    assert out.shape == (2, 1, 2, 0)

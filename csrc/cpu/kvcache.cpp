@@ -7,9 +7,10 @@
 // cached + new) otherwise). A query that sees no key outputs 0. Returns out [B, Sq, Hq, d] in q's dtype.
 //
 // One work unit per (row b, kv head): it writes that head's new keys, then reads each of its keys once for all
-// Hq / Hk * Sq query rows of the group: scores (one dot product per row and key), an exact two-pass softmax per
-// row, then out += p * v. Keys and values are read in place when they are float32 rows of a multiple of the SIMD
-// width, else converted once into a padded buffer. Units own their output rows: no atomics, deterministic.
+// Hq / Hk * Sq query rows of the group: scores (16 keys at a time in the SIMD lanes), an exact two-pass softmax
+// per row, then out += p * v on register accumulators. Keys and values are read in place when they are float32
+// rows of a multiple of the SIMD width, else converted once into a padded buffer. Units own their output rows:
+// no atomics, deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -80,8 +81,8 @@ DPAR_INLINE void fold_level(typename Simd<T>::vec* x) {
   }
 }
 
-// -> a vector whose lane i is the sum of the lanes of x[i] (x is clobbered): log2(W) levels of two-source
-// blends, permutes and adds, W - 1 adds in all instead of a horizontal reduction per vector.
+// -> a vector whose lane i is the sum of the lanes of x[i] (x is clobbered): log2(W) levels of blends, permutes
+// and adds, W - 1 vector adds in all instead of a horizontal reduction per vector.
 template <typename T>
 DPAR_INLINE typename Simd<T>::vec transpose_sum(typename Simd<T>::vec* x) {
   fold_level<T, Simd<T>::kWidth>(x);
@@ -145,11 +146,12 @@ DPAR_INLINE void for_each_group(int64_t vectors, F&& f) {
   }
 }
 
-// The math of one unit. q [rows][dp] (pre-scaled, padding zero); k, v rows of dp values (padding zero) at
-// k_stride / v_stride, keys of them; ends[r]: keys row r sees (<= keys); s scratch [rows][ld_s] with
-// ld_s >= keys rounded up to W; tail scratch [W][dp]; norm scratch [rows]; acc [rows][dp] -> the normalised
-// outputs (0 for a row that sees no key). Pass 1: scores for W keys at a time (keys in lanes, hidden keys -inf); pass 2: exact softmax per
-// row; pass 3: acc += p v over each row's visible keys only (hidden rows of v are never read).
+// The math of one unit. q [rows][dp] (pre-scaled, padding zero); k, v: `keys` rows of dp values (padding zero) at
+// k_stride / v_stride; ends[r]: keys row r sees (<= keys); s scratch [rows][ld_s], ld_s >= keys rounded up to W;
+// tail scratch [W][dp]; norm scratch [rows]; acc [rows][dp] -> the normalised outputs (0 for a row that sees no
+// key). Pass 1: scores of W keys at a time, one key per lane (key block outer, so it is read once from memory for
+// all rows), hidden keys -inf; pass 2: exact softmax per row; pass 3: acc += p v over each row's visible keys only,
+// chunk by chunk of values. Only rows j < keys of k and j < ends[r] of v are ever read.
 template <typename T>
 DPAR_INLINE void decode_rows(const T* q, int64_t rows, int64_t dp, const T* k, int64_t k_stride, const T* v,
                              int64_t v_stride, int64_t keys, const int64_t* ends, T* s, int64_t ld_s, T* tail,
@@ -202,7 +204,7 @@ DPAR_INLINE void decode_rows(const T* q, int64_t rows, int64_t dp, const T* k, i
     for (int i = 0; i < W; ++i) sum += total[i];
     norm[r] = n > 0 ? T(1) / sum : T(0);
   }
-  const int64_t chunk = std::max<int64_t>(W, kChunkBytes / static_cast<int64_t>(dp * sizeof(T)));
+  const int64_t chunk = std::max<int64_t>(W, kChunkBytes / static_cast<int64_t>(std::max<int64_t>(dp, W) * sizeof(T)));
   for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t n = std::min(ends[r], c0 + chunk) - c0;
