@@ -64,6 +64,19 @@ struct FoldMasks {
   }
 };
 
+// y[i] = x[index[i]] for a constant index vector (a one-source permute; clang has no __builtin_shuffle and turns
+// the lane loop into one).
+template <typename V, typename I>
+DPAR_INLINE V permute(V x, I index) {
+#if defined(__clang__)
+  V y;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(x[0])); ++i) y[i] = x[index[i]];
+  return y;
+#else
+  return __builtin_shuffle(x, index);
+#endif
+}
+
 // One level of transpose_sum with N vectors left (H = N / 2): x[i] <- the 2H-lane blocks of x[i] and x[i + H]
 // folded to H lanes each, x[i]'s in the first half of each block: (a_lo | b_hi) + swap(b_lo | a_hi), i.e. two
 // blends, one one-source permute and one add per pair.
@@ -75,7 +88,7 @@ DPAR_INLINE void fold_level(typename Simd<T>::vec* x) {
     const typename M::ivec lower = M::lower_half(), swap = M::swap_halves();
     for (int i = 0; i < H; ++i) {
       const typename Simd<T>::vec a = x[i], b = x[i + H];
-      x[i] = (lower ? a : b) + __builtin_shuffle(lower ? b : a, swap);
+      x[i] = (lower ? a : b) + permute(lower ? b : a, swap);
     }
     fold_level<T, H>(x);
   }
