@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, cpu_backends
+from helpers import assert_close, cpu_backends, requires_extension
 
 import dpar_kernels as dk
 
@@ -196,3 +196,55 @@ def test_rejects_bad_inputs():
         call(q.requires_grad_(), kc, vc, lengths)
     with pytest.raises(ValueError, match="cache_seqlens is on meta"):
         call(q.detach(), kc, vc, lengths.to("meta"))
+
+
+# The C++ kernel specialises its code per group of up to 8 SIMD vectors of a row (16 floats / 8 doubles each),
+# reads float32 rows of a multiple of 16 in place and pads the others, and scores keys 16 (8) at a time with a
+# zero-padded copy of the last partial block: head dims below, at and across those sizes, key counts around them.
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 8, 16, 24, 64, 80, 160, 272])
+def test_cpu_head_dims_and_partial_key_blocks(dtype, d):
+    q, k_cache, v_cache, k, v = _inputs(5, 2, 4, 2, d, 37, dtype)
+    cache_seqlens = torch.tensor([0, 1, 14, 17, 35], dtype=torch.int32)  # ends 1..2, 2..3, 15..16, 18..19, 36..37
+    for b, cached in enumerate(cache_seqlens.tolist()):  # hidden positions hold NaN: they must never be read
+        k_cache[b, cached + 2:], v_cache[b, cached + 2:] = float("nan"), float("nan")
+    out, kc, _ = _run("cpu", q, k_cache, v_cache, cache_seqlens, k, v)
+    expected, ekc, _ = reference(q, k_cache, v_cache, cache_seqlens, k, v)
+    assert_close(out, expected, dtype)
+    assert torch.equal(kc.double().nan_to_num(), ekc.nan_to_num())
+
+
+@requires_extension
+def test_cpu_bfloat16_padded_rows():
+    q, k_cache, v_cache, k, v = _inputs(2, 1, 2, 1, 80, 21, torch.bfloat16)
+    cache_seqlens = torch.tensor([20, 3], dtype=torch.int32)
+    out, _, _ = _run("cpu", q, k_cache, v_cache, cache_seqlens, k, v)
+    assert_close(out, reference(q, k_cache, v_cache, cache_seqlens, k, v)[0], torch.bfloat16)
+
+
+@requires_extension
+def test_cpu_non_finite_keys_follow_the_reference():
+    """A NaN value entry poisons only its column, a -inf score weighs 0, a +inf score makes its query NaN, and a
+    NaN key seen by query 1 only (it is scored in the same key block as query 0's keys) leaves query 0 finite."""
+    q, k_cache, v_cache, k, v = _inputs(4, 2, 2, 1, 16, 20, torch.float32)
+    q[..., 0] = q[..., 0].abs() + 0.5
+    v_cache[0, 3, 0, 5] = float("nan")
+    k_cache[1, 7, 0, 0] = float("-inf")
+    k_cache[2, 2, 0, 0] = float("inf")
+    k[3, 1], v[3, 1] = float("nan"), float("nan")
+    cache_seqlens = torch.tensor([18, 18, 18, 9], dtype=torch.int32)
+    out, _, _ = _run("cpu", q, k_cache, v_cache, cache_seqlens, k, v)
+    expected, _, _ = reference(q, k_cache, v_cache, cache_seqlens, k, v)
+    assert torch.isnan(out[0, ..., 5]).all() and torch.isfinite(out[0, ..., :5]).all()
+    assert torch.isfinite(out[1]).all() and torch.isnan(out[2]).all()
+    assert torch.isfinite(out[3, 0]).all() and torch.isnan(out[3, 1]).all()
+    assert_close(out, expected, torch.float32)
+
+
+@requires_extension
+def test_cpu_zero_head_dim_returns_an_empty_output():
+    q, k_cache, v_cache, k, v = _inputs(2, 1, 2, 1, 0, 5, torch.float32)
+    out = dk.kvcache_attention(q, k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32), k, v,
+                               softmax_scale=1.0, backend="cpu")
+    assert out.shape == (2, 1, 2, 0)
