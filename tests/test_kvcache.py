@@ -245,6 +245,7 @@ def test_cpu_non_finite_keys_follow_the_reference():
 @requires_extension
 def test_cpu_zero_head_dim_returns_an_empty_output():
     q, k_cache, v_cache, k, v = _inputs(2, 1, 2, 1, 0, 5, torch.float32)
-    out = dk.kvcache_attention(q, k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32), k, v,
-                               softmax_scale=1.0, backend="cpu")
-    assert out.shape == (2, 1, 2, 0)
+    for scale in (1.0, None):  # the default scale 1/sqrt(d) must not divide by zero
+        out = dk.kvcache_attention(q, k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32), k, v,
+                                   softmax_scale=scale, backend="cpu")
+        assert out.shape == (2, 1, 2, 0)

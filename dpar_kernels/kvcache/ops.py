@@ -116,7 +116,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"head dim {head_dim} is above {KERNEL_MAX_HEAD_DIM}, the limit of backend {backend!r}")
     supported = supported_for_dtype(_BACKENDS if fits else ("torch", "cpu"), dtype)
     backend = resolve_backend("kvcache_attention", backend, device, supported)
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
+    scale = (1.0 / math.sqrt(max(head_dim, 1)) if softmax_scale is None  # d = 0: an empty output, any scale
+             else check_finite("softmax_scale", softmax_scale))
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     cache_seqlens = cache_seqlens.contiguous()  # kernels read it as raw memory
     if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
