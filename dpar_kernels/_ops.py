@@ -40,14 +40,16 @@ def reject_grad(op: str, **tensors) -> None:
                              f"or pass {name}.detach()")
 
 
-def direct_call_ok(*tensors) -> bool:
-    """True when an op may run its backend function directly instead of through its torch.library custom op (the
+def direct_call_ok(backend: str, *tensors) -> bool:
+    """True when an op may run its ``backend`` function directly instead of through its torch.library custom op (the
     dispatcher round-trip costs 50-250 us per call on CPU, more than a decode-sized kernel): eager mode, no torch
-    dispatch mode active (FakeTensor, FlopCounterMode, ...), no autocast (the torch reference would run its own
-    matmuls at the autocast dtype; a custom op's kernel runs below autocast), plain tensors (None allowed) and no
-    gradient needed. Under torch.compile the custom op is always used, so graphs stay whole."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_any_autocast_enabled()):
+    dispatch mode active (FakeTensor, FlopCounterMode, ...), plain tensors (None allowed), no gradient needed, and for
+    the torch reference no autocast (its own matmuls would run at the autocast dtype; a custom op's implementation
+    runs below autocast, and the compiled kernels call no autocast-sensitive op). Under torch.compile the custom op
+    is always used, so graphs stay whole."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if backend == "torch" and torch._C._is_any_autocast_enabled():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs on every eager call

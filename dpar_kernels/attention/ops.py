@@ -172,7 +172,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     args = (q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
             launch_length(longest_q, max_seqlen_q, q.shape[0]), launch_length(longest_k, max_seqlen_k, k.shape[0]),
             scale, bool(causal))
-    if direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k):  # no gradient: the kernel without the dispatcher
+    if direct_call_ok(backend, q, k, v, cu_seqlens_q, cu_seqlens_k):  # no gradient: the kernel without the dispatcher
         out, lse = _FORWARD[backend](*args)
     else:
         out, lse = _attention_op(*args, backend)

@@ -71,7 +71,7 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
     rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
     if rows.stride()[-1] != 1:
         rows = rows.contiguous()
-    run = _token_entropy if direct_call_ok(rows) else _token_entropy_op
+    run = _token_entropy if direct_call_ok(backend, rows) else _token_entropy_op
     entropy = run(rows, float(temperature), backend)
     return entropy if logits.dim() == 2 else entropy.reshape(logits.shape[:-1])
 

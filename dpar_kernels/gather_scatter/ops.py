@@ -126,7 +126,7 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
     check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
     backend = resolve_backend("patch_gather", backend, x.device, supported_for_dtype(tuple(_GATHER), x.dtype))
     cu_tokens = cu_tokens.contiguous()  # kernels read offsets as raw memory
-    if direct_call_ok(x, cu_tokens):  # no gradient: no arg-max either
+    if direct_call_ok(backend, x, cu_tokens):  # no gradient: no arg-max either
         return _GATHER[backend](x, cu_tokens, reduce, False)[0]
     with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
     return _gather_op(x, cu_tokens, reduce, with_argmax, backend)[0]

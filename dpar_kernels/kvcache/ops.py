@@ -120,7 +120,7 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
              else check_finite("softmax_scale", softmax_scale))
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     cache_seqlens = cache_seqlens.contiguous()  # kernels read it as raw memory
-    if direct_call_ok(q, k_cache, v_cache, cache_seqlens, k, v):
+    if direct_call_ok(backend, q, k_cache, v_cache, cache_seqlens, k, v):
         return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
     if backend in _EXTENSION_BACKENDS:  # traced (or under a dispatch mode) as the C++ op
         return torch.ops.dpar_C.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
