@@ -203,21 +203,26 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         else:
             flops_now = step_flops(args.kind, model, (tokens, labels), host_patches)
         flops_now = env.sum(flops_now)
-        loss_value = env.mean(float(loss.detach()))
+        # the step's one host read: loss, gradient norm and (fp16) the loss scale after the update
+        logged = [loss.detach().float(), grad_norm.float()]
+        if scaler.is_enabled():
+            logged.append(scaler._get_scale_async().float())
+        loss_local, grad_norm_value, *loss_scale = torch.stack(logged).tolist()
+        loss_value = env.mean(loss_local)
         # fp16: an overflowing gradient is the GradScaler's business (it skipped the update and lowered the scale)
-        check_finite_step(step + 1, loss_value, 0.0 if scaler.is_enabled() else float(grad_norm), args.out,
+        check_finite_step(step + 1, loss_value, 0.0 if scaler.is_enabled() else grad_norm_value, args.out,
                           saved_step)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         elapsed = time.perf_counter() - started
         step += 1
         cum_flops += flops_now
-        record = {"step": step, "loss": loss_value, "grad_norm": float(grad_norm), "flops": flops_now,
+        record = {"step": step, "loss": loss_value, "grad_norm": grad_norm_value, "flops": flops_now,
                   "cum_flops": cum_flops, "tokens": args.batch_size * dataset.tokens_per_image,
                   "step_time": elapsed, "tokens_per_s": args.batch_size * dataset.tokens_per_image / elapsed,
                   "lr": args.lr}
-        if scaler.is_enabled():
-            record["loss_scale"] = scaler.get_scale()
+        if loss_scale:
+            record["loss_scale"] = loss_scale[0]
         if patches is not None:
             record["global_tokens"] = env.sum(float(patches.num_patches))
         if args.eval_data and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
