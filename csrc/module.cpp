@@ -1,5 +1,6 @@
-// Python module entry of dpar_kernels._C (plus the direct eager entries of eager_calls.cpp). The ops themselves are registered with TORCH_LIBRARY_FRAGMENT(dpar_C, ...)
-// in csrc/cpu/*.cpp (schemas + CPU kernels) and csrc/cuda_bindings/*.cpp (CUDA kernels).
+// Python module entry of dpar_kernels._C (plus the direct eager entries of eager_calls.cpp). The ops themselves are
+// registered with TORCH_LIBRARY_FRAGMENT(dpar_C, ...) in csrc/cpu/*.cpp (schemas + CPU kernels) and
+// csrc/cuda_bindings/*.cpp (CUDA kernels).
 #include <torch/extension.h>
 
 namespace dpar {

@@ -56,13 +56,9 @@ def _step_function(step, compile, dynamic: bool = False):
     """``step`` itself (compile False, the default) or its compiled version (compile True: torch.compile's default
     mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
 
-    Measured on the loaded 2-core CPU (benchmarks/bench_sampling.py, width 256, 1+4+2 layers, compiled / eager
-    images/s, two runs): batch 1 1.09-1.39x, batch 16 0.98-1.75x (0.98x: DPAR with fixed 2-token patches in the
-    more loaded run), plus ~20-60 s of compile time per graph when inductor's cache is cold (3-8 s warm); so
-    compile stays off by default. What limits it on CPU:
-    the matmuls and the kvcache kernel are most of a step; under the profiler dynamo's guard check costs ~0.7 ms per
-    call, and a compiled graph calls dk ops through the torch.library dispatcher (~0.3 ms more per kvcache_attention
-    call at batch 1), which the eager path skips.
+    Measured on the idle 2-core CPU (benchmarks/bench_sampling.py, width 256, 1+4+2 layers): compiled / eager
+    images/s 1.12-1.36x in every case at batch 1 and 16, after 20-60 s of compile time per graph when inductor's
+    cache is cold (3-8 s warm); so compile stays off by default (benchmarks/RESULTS.md, "Sampling after all merges").
     "reduce-overhead" (CUDA graphs) is not run on a GPU: the caches are fresh tensors mutated in place, which CUDA
     graph trees may refuse to capture."""
     if compile is False:
