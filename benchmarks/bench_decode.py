@@ -1,6 +1,6 @@
 """Per-call cost at decode shapes on CPU: kvcache_attention vs torch SDPA, patch_gather vs segment_reduce and
-token_entropy vs eager torch at tiny shapes (where per-call Python overhead dominates), and varlen_attention at
-short-query shapes vs padded SDPA and segment-wise torch math.
+token_entropy vs eager torch at tiny shapes (where per-call Python overhead dominates), varlen_attention at
+short-query shapes vs padded SDPA and segment-wise torch math, and dk.linear vs F.linear (MKL) at decode rows.
 
     pytest benchmarks/bench_decode.py --benchmark-only      (DPAR_BENCH_QUICK=1: fewer rounds)
     python -m benchmarks.bench_decode                       (interleaved rounds, best of each, threads 1)
@@ -12,6 +12,8 @@ cross-attention of dpar/model/blocks.py (P=512 patches = 16 images x 32, one que
 non-causal; forward, and forward+backward as in training), decode-like one-query sequences over 2-32 keys, and a
 normal training shape (16 causal sequences of 256, d 64) that must not regress. Baselines: SDPA over the keys
 gathered into [P, H, Lmax, d] with a key mask, and segment-wise math (per-token scores, segment max/sum).
+Decode linear: a layer's matmuls at B rows, cycling through enough weight matrices (~48 MB, like a model's layers)
+that each is read from memory as in sampling, plus one weight reused (in cache), where BLAS is at its best.
 The table at the end prints each dk op's speed-up over its fastest torch baseline, measured in the same run.
 """
 import math
@@ -83,6 +85,25 @@ def token_entropy_cases() -> dict:
     logits = torch.randn(ROWS, TINY_VOCAB)
     return {"eager torch": lambda: _eager_entropy(logits),
             "dk.token_entropy (cpu)": lambda: dk.token_entropy(logits, backend="cpu")}
+
+
+def linear_cases(rows: int, outputs: int, depth: int, weight_bytes: int) -> dict:
+    """x [rows, depth] times each of enough [outputs, depth] weights to fill weight_bytes (one weight: in cache)."""
+    generator = torch.Generator().manual_seed(0)
+    count = max(1, weight_bytes // (outputs * depth * 4))
+    weights = [torch.randn(outputs, depth, generator=generator) for _ in range(count)]
+    x = torch.randn(rows, depth, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(dk.linear(x, weights[0]), F.linear(x, weights[0]), rtol=1e-5, atol=1e-4)
+
+    def over_weights(linear):
+        def run():
+            with torch.no_grad():
+                for weight in weights:
+                    linear(x, weight)
+        return run
+
+    return {"F.linear (MKL)": over_weights(F.linear), "dk.linear (cpu)": over_weights(dk.linear)}
 
 
 def _short_query_problem(key_lengths: list[int], heads: int, head_dim: int, grad: bool):
@@ -177,6 +198,7 @@ def training_attention_cases() -> dict:
     return {"torch SDPA": _with_backward(sdpa, (qkv,)), "dk.varlen_attention (cpu)": _with_backward(ours, (qkv,))}
 
 
+_WEIGHT_SETS = {"weights from memory (48 MB)": 48 << 20, "one weight in cache": 0}
 _PATCH_LENGTHS = _mixed_lengths(PATCHES, 1, MAX_PATCH)
 _SHORT_LENGTHS = _mixed_lengths(SHORT_ROWS, 2, SHORT_KEYS)
 _PATCH = f"patch cross-attn P{PATCHES} H{PATCH_HEADS} L1-{MAX_PATCH}"
@@ -191,11 +213,15 @@ GROUPS = {f"decode attention B{ROWS} H{HEADS} S{KEYS} d16": lambda: decode_atten
           f"{_PATCH} d64 fwd+bwd": lambda: short_query_cases(_PATCH_LENGTHS, 64, backward=True),
           f"{_SHORT} d16 fwd": lambda: short_query_cases(_SHORT_LENGTHS, 16, backward=False),
           f"{_SHORT} d64 fwd": lambda: short_query_cases(_SHORT_LENGTHS, 64, backward=False),
-          f"train causal {TRAIN_SEQS}x{TRAIN_LEN} H{PATCH_HEADS} d64 fwd+bwd": training_attention_cases}
+          f"train causal {TRAIN_SEQS}x{TRAIN_LEN} H{PATCH_HEADS} d64 fwd+bwd": training_attention_cases,
+          **{f"decode linear {rows}x256 -> {outputs}, {name}":
+             (lambda r=rows, o=outputs, b=size: linear_cases(r, o, 256, b))
+             for rows, outputs in ((16, 768), (1, 768), (16, 4096)) for name, size in _WEIGHT_SETS.items()}}
+_LINEAR_IMPLS = ("F.linear (MKL)", "dk.linear (cpu)")
 _SHORT_IMPLS = ("torch padded SDPA", "torch segment math", "dk.varlen_attention (cpu)")
 IMPLS = ((("torch SDPA", "dk.kvcache_attention (cpu)"),) * 2
          + (("torch.segment_reduce", "dk.patch_gather (cpu)"), ("eager torch", "dk.token_entropy (cpu)"))
-         + (_SHORT_IMPLS,) * 6 + (("torch SDPA", "dk.varlen_attention (cpu)"),))
+         + (_SHORT_IMPLS,) * 6 + (("torch SDPA", "dk.varlen_attention (cpu)"),) + (_LINEAR_IMPLS,) * 6)
 CASES = [(group, impl) for group, impls in zip(GROUPS, IMPLS) for impl in impls]  # baselines first
 
 

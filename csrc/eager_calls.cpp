@@ -53,6 +53,11 @@ Tensor kvcache_attention(const Tensor& q, Tensor& k_cache, Tensor& v_cache, cons
   return op.call(q, k_cache, v_cache, cache_seqlens, k, v, scale, causal);
 }
 
+Tensor linear(const Tensor& x, const Tensor& weight, const OptionalTensor& bias) {
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&, const OptionalTensor&)>("dpar_C::linear");
+  return op.call(x, weight, bias);
+}
+
 }  // namespace
 
 void register_eager_calls(pybind11::module& m) {
@@ -61,6 +66,7 @@ void register_eager_calls(pybind11::module& m) {
   m.def("token_entropy", &token_entropy);
   m.def("varlen_attention", &varlen_attention);
   m.def("kvcache_attention", &kvcache_attention);
+  m.def("linear", &linear);
 }
 
 }  // namespace dpar

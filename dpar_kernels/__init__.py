@@ -1,4 +1,5 @@
-"""DPAR kernels: fused entropy, patch boundaries, patch gather/scatter, varlen attention and KV-cache attention.
+"""DPAR kernels: fused entropy, patch boundaries, patch gather/scatter, varlen attention, KV-cache attention
+and a decode-shape linear layer.
 
 Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``) and is a torch custom op.
 """
@@ -10,7 +11,8 @@ from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy
 from .gather_scatter import patch_gather, patch_scatter
 from .kvcache import kvcache_attention
-from .modules import PatchGather, PatchScatter, VarlenAttention
+from .linear import linear
+from .modules import Linear, PatchGather, PatchScatter, VarlenAttention
 from .patching import entropy_patch_lengths, lengths_to_cu_seqlens, patch_ids
 from .position_ids import cu_seqlens_from_position_ids
 
@@ -25,6 +27,6 @@ __all__ = [
     "token_entropy", "linear_entropy",
     "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids", "cu_seqlens_from_position_ids",
     "patch_gather", "patch_scatter",
-    "varlen_attention", "attended_pairs", "kvcache_attention",
-    "VarlenAttention", "PatchGather", "PatchScatter",
+    "varlen_attention", "attended_pairs", "kvcache_attention", "linear",
+    "VarlenAttention", "PatchGather", "PatchScatter", "Linear",
 ]

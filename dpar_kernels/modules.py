@@ -1,8 +1,10 @@
 """nn.Module wrappers of the ops, drop-in for model code."""
+import torch
 from torch import nn
 
 from .attention import varlen_attention
 from .gather_scatter import patch_gather, patch_scatter
+from .linear import linear
 
 
 class VarlenAttention(nn.Module):
@@ -43,3 +45,11 @@ class PatchScatter(nn.Module):
 
     def forward(self, y, cu_tokens, total_tokens: int | None = None):
         return patch_scatter(y, cu_tokens, total_tokens=total_tokens, backend=self.backend)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose forward is dk.linear: the CPU decode-shape kernel for few
+    float32 rows without gradient, F.linear otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

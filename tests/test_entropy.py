@@ -205,6 +205,20 @@ def test_cpu_linear_entropy_ragged_chunks(dtype):
     assert_close(out, linear_reference(hidden, weight, bias, 0.7), dtype)
 
 
+@pytest.mark.skipif(not _extension.HAS_CPU_OPS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("rows", [5, 16, 32])
+@pytest.mark.parametrize("depth", [64, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_linear_entropy_decode_rows(rows, depth, dtype):
+    """At most DECODE_ROWS rows multiply with dpar_C.linear (its kernel for depth 64, at::linear for 24)."""
+    from dpar_kernels.entropy import cpu_linear
+
+    hidden, weight, bias = linear_inputs(rows, depth, 250, dtype, True)
+    out = cpu_linear.linear_entropy(hidden, weight, bias, 0.7, vocab_chunk=100)
+    assert_close(out, linear_reference(hidden, weight, bias, 0.7), dtype)
+    assert_close(dk.linear_entropy(hidden, weight, backend="cpu"), linear_reference(hidden, weight, None, 1.0), dtype)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton interpreter unavailable")
 @pytest.mark.parametrize("splits", [2, 5])
 def test_triton_linear_entropy_vocab_splits(splits):

@@ -5,6 +5,8 @@ A plain causal transformer over [class token] + tokens with 2D RoPE and encoder+
 import torch
 from torch import nn
 
+import dpar_kernels as dk
+
 from .blocks import AxialRope, RMSNorm, dense_cu_seqlens, grid_positions, init_weights, stack_from
 from .conditioning import ClassEmbedding, check_tokens_labels
 
@@ -18,7 +20,7 @@ class LlamaGenBaseline(nn.Module):
         self.rope = AxialRope(c.head_dim, 2, c.rope_base)
         self.layers = stack_from(c, c.total_layers)
         self.norm = RMSNorm(c.width, c.norm_eps)
-        self.head = nn.Linear(c.width, c.vocab_size, bias=False)
+        self.head = dk.Linear(c.width, c.vocab_size, bias=False)
         self.token_dropout = nn.Dropout(c.token_dropout)  # on the input rows (training only)
         init_weights(self, c.init_std)
         if c.zero_init_head:

@@ -25,9 +25,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = dk.Linear(dim, hidden, bias=False)
+        self.w3 = dk.Linear(dim, hidden, bias=False)
+        self.w2 = dk.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
@@ -52,16 +52,23 @@ class AxialRope(nn.Module):
         if min(sizes) < 1:
             raise ValueError(f"head_dim {head_dim} has too few rotary pairs for {axes} axes")
         self.sizes, self.base, self.axes = sizes, base, axes
+        # Tables built once (a decode step calls forward per token; building them there cost ~15 small ops and, on
+        # a GPU, a host-to-device copy per call): the frequency of each pair, kept as the int64 bits of its float64
+        # value so that casting the model (.half(), .to(bf16)) never rounds it, and the axis of each pair. Built on
+        # the CPU even under a meta device context; buffers follow the model's .to(device); not persistent (they
+        # derive from the config, checkpoints stay as they were).
+        cpu = dict(dtype=torch.float64, device="cpu")
+        freqs = torch.cat([base ** (-torch.arange(n, **cpu) / n) for n in sizes])
+        axis_of_pair = torch.cat([torch.full((n,), a, dtype=torch.long, device="cpu") for a, n in enumerate(sizes)])
+        self.register_buffer("freq_bits", freqs.view(torch.int64), persistent=False)
+        self.register_buffer("axis_of_pair", axis_of_pair, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N, axes] integer -> (cos, sin) [N, head_dim/2] in ``dtype`` (angles in float64, so
         casting the model to half precision never rounds the frequencies)."""
         if positions.dim() != 2 or positions.shape[1] != self.axes:
             raise ValueError(f"positions must be [N, {self.axes}], got {tuple(positions.shape)}")
-        options = dict(dtype=torch.float64, device=positions.device)
-        freqs = torch.cat([self.base ** (-torch.arange(n, **options) / n) for n in self.sizes])
-        axis_of_pair = torch.tensor([a for a, n in enumerate(self.sizes) for _ in range(n)], device=positions.device)
-        angles = positions.to(torch.float64)[:, axis_of_pair] * freqs
+        angles = positions.to(torch.float64)[:, self.axis_of_pair] * self.freq_bits.view(torch.float64)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -83,8 +90,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, width // num_heads
-        self.qkv = nn.Linear(width, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(num_heads * self.head_dim, width, bias=False)
+        self.qkv = dk.Linear(width, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
+        self.out = dk.Linear(num_heads * self.head_dim, width, bias=False)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
         """x [N, D]; rope (cos, sin) [N, d/2]; either cu_seqlens int32 [B+1] + max_seqlen (training) or
@@ -156,9 +163,9 @@ class PatchRefiner(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, width // num_heads
         self.query_norm, self.token_norm = RMSNorm(width, eps), RMSNorm(width, eps)
-        self.q = nn.Linear(width, num_heads * self.head_dim, bias=False)
-        self.kv = nn.Linear(width, 2 * num_kv_heads * self.head_dim, bias=False)
-        self.out = nn.Linear(num_heads * self.head_dim, width, bias=False)
+        self.q = dk.Linear(width, num_heads * self.head_dim, bias=False)
+        self.kv = dk.Linear(width, 2 * num_kv_heads * self.head_dim, bias=False)
+        self.out = dk.Linear(num_heads * self.head_dim, width, bias=False)
         self.resid_dropout, self.ffn_dropout = nn.Dropout(resid_dropout), nn.Dropout(ffn_dropout)
         self.mlp_norm, self.mlp = (RMSNorm(width, eps), SwiGLU(width, mlp_hidden)) if mlp else (None, None)
 

@@ -34,11 +34,11 @@ class DPAR(nn.Module):
         self.global_stack = stack_from(c, c.global_layers)
         self.global_norm = RMSNorm(c.width, c.norm_eps)
         self.decoder_start = nn.Parameter(torch.zeros(c.width))
-        self.decoder_condition = nn.Linear(c.width, c.decoder_layers * c.width, bias=False)
+        self.decoder_condition = dk.Linear(c.width, c.decoder_layers * c.width, bias=False)
         self.decoder = nn.ModuleList(Block(c.width, c.num_heads, c.num_kv_heads, c.mlp_hidden, c.norm_eps,
                                            *dropouts_of(c)) for _ in range(c.decoder_layers))
         self.norm = RMSNorm(c.width, c.norm_eps)
-        self.head = nn.Linear(c.width, c.vocab_size, bias=False)
+        self.head = dk.Linear(c.width, c.vocab_size, bias=False)
         init_weights(self, c.init_std)
         nn.init.normal_(self.decoder_start, std=c.init_std)
         if c.zero_init_head:

@@ -18,7 +18,7 @@ class EntropyModel(nn.Module):
         self.rope = AxialRope(config.head_dim, 2, config.rope_base)
         self.layers = stack_from(config, config.layers)
         self.norm = RMSNorm(config.width, config.norm_eps)
-        self.head = nn.Linear(config.width, config.vocab_size, bias=False)
+        self.head = dk.Linear(config.width, config.vocab_size, bias=False)
         init_weights(self, config.init_std)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:

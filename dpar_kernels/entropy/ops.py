@@ -108,6 +108,8 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
     hidden, weight = _unit_last_stride(hidden), _unit_last_stride(weight)
     bias = None if bias is None else _unit_last_stride(bias)
+    if direct_call_ok(backend, hidden, weight, bias):  # eager, no grad: skip the dispatcher round trip
+        return _LINEAR_ENTROPY[backend](hidden, weight, bias, float(temperature)).to(torch.float32)
     return _linear_entropy_op(hidden, weight, bias, float(temperature), backend)
 
 

@@ -1,0 +1,3 @@
+from .ops import linear
+
+__all__ = ["linear"]
