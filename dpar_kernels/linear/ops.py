@@ -34,7 +34,8 @@ if _extension.HAS_CPU_OPS:
 
 def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Float32 CPU tensors (plain or parameters), no autocast, no gradient needed (the kernel has no backward)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32 or \
+            weight.dtype != torch.float32:
         return False
     if torch._C._is_any_autocast_enabled():
         return False
