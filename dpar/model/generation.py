@@ -57,8 +57,9 @@ def _step_function(step, compile, dynamic: bool = False):
     mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
 
     Measured on the idle 2-core CPU (benchmarks/bench_sampling.py, width 256, 1+4+2 layers): compiled / eager
-    images/s 1.12-1.36x in every case at batch 1 and 16, after 20-60 s of compile time per graph when inductor's
-    cache is cold (3-8 s warm); so compile stays off by default (benchmarks/RESULTS.md, "Sampling after all merges").
+    images/s 1.18-1.47x in every case at batch 1 and 16, after 20-60 s of compile time per graph when inductor's
+    cache is cold (0-28 s warm); so compile stays off by default (benchmarks/RESULTS.md, "Decode-shape linear
+    layers").
     "reduce-overhead" (CUDA graphs) is not run on a GPU: the caches are fresh tensors mutated in place, which CUDA
     graph trees may refuse to capture."""
     if compile is False:
