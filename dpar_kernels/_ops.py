@@ -40,12 +40,16 @@ def reject_grad(op: str, **tensors) -> None:
                              f"or pass {name}.detach()")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types a direct call takes
+
+
 def direct_call_ok(backend: str, *tensors) -> bool:
     """True when an op may run its ``backend`` function directly instead of through its torch.library custom op (the
     dispatcher round-trip costs 50-250 us per call on CPU, more than a decode-sized kernel): eager mode, no torch
-    dispatch mode active (FakeTensor, FlopCounterMode, ...), plain tensors (None allowed), no gradient needed, and for
-    the torch reference no autocast (its own matmuls would run at the autocast dtype; a custom op's implementation
-    runs below autocast, and the compiled kernels call no autocast-sensitive op). Under torch.compile the custom op
+    dispatch mode active (FakeTensor, FlopCounterMode, ...), plain tensors or nn.Parameters (a model's weights; None
+    allowed; other subclasses have their own dispatch), no gradient needed, and for the torch reference no autocast
+    (its own matmuls would run at the autocast dtype; a custom op's implementation runs below autocast, and the
+    compiled kernels call no autocast-sensitive op). Under torch.compile the custom op
     is always used, so graphs stay whole."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
@@ -53,6 +57,6 @@ def direct_call_ok(backend: str, *tensors) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs on every eager call
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
     return True

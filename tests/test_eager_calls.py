@@ -76,3 +76,18 @@ def test_compiled_graphs_call_the_kvcache_extension_op():
     assert "dpar_C.kvcache_attention" in targets and "dpar.kvcache_attention" not in targets, targets
     inductor = torch.compile(step, fullgraph=True)(q, k_cache.clone(), v_cache.clone(), lengths, new)
     assert torch.equal(inductor, expected)
+
+
+def test_direct_calls_take_parameters_but_not_other_subclasses():
+    """A model's weights are nn.Parameters (linear_entropy's head weight, dk.Linear): they may take the direct path;
+    other tensor subclasses have their own dispatch and must go through the registered op."""
+    from dpar_kernels._ops import direct_call_ok
+
+    class Marked(torch.Tensor):
+        pass
+
+    weight = torch.nn.Parameter(torch.randn(4, 8))
+    with torch.no_grad():
+        assert direct_call_ok("cpu", torch.randn(3), weight, None)
+        assert not direct_call_ok("cpu", torch.randn(3).as_subclass(Marked))
+    assert not direct_call_ok("cpu", weight)  # gradient needed

@@ -210,7 +210,7 @@ def test_cpu_linear_entropy_ragged_chunks(dtype):
 @pytest.mark.parametrize("depth", [64, 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_linear_entropy_decode_rows(rows, depth, dtype):
-    """At most DECODE_ROWS rows multiply with dpar_C.linear (its kernel for depth 64, at::linear for 24)."""
+    """At most KERNEL_MAX_ROWS rows multiply with dpar_C.linear (its kernel for depth 64, at::linear for 24)."""
     from dpar_kernels.entropy import cpu_linear
 
     hidden, weight, bias = linear_inputs(rows, depth, 250, dtype, True)

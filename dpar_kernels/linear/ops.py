@@ -15,8 +15,10 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import _extension
 from .._dispatch import BackendUnavailableError, default_backend
+from .._ops import direct_call_ok
 
 _BACKENDS = ("torch", "cpu")
+KERNEL_MAX_ROWS = 32  # kMaxRows of csrc/cpu/linear.cpp: more rows go to at::linear inside the op
 
 
 def _fake(x, weight, bias):
@@ -33,7 +35,7 @@ if _extension.HAS_CPU_OPS:
 
 
 def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Float32 CPU tensors (plain or parameters), no autocast, no gradient needed (the kernel has no backward)."""
+    """Float32 CPU tensors, no autocast, no gradient needed (the kernel has no backward)."""
     if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32 or \
             weight.dtype != torch.float32:
         return False
@@ -63,6 +65,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise TypeError("linear: x and weight must be tensors")
     if _backend(backend, x) == "torch" or not _kernel_takes(x, weight, bias):
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return torch.ops.dpar_C.linear(x, weight, bias)  # traced / seen by a dispatch mode as the C++ op
-    return _extension.EXTENSION.linear(x, weight, bias)
+    if direct_call_ok("cpu", x, weight, bias):
+        return _extension.EXTENSION.linear(x, weight, bias)
+    return torch.ops.dpar_C.linear(x, weight, bias)  # traced / seen by a dispatch mode as the C++ op
