@@ -15,7 +15,7 @@ from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_b
                                   threshold_for_reduction, train_entropy_model, training_batch, training_flops,
                                   training_step)
 from dpar.model import full_recompute
-from benchmarks.host_reads import HostReadCounter
+from dpar_kernels.testing import HostReadCounter
 
 WARMUP = 1  # the first step allocates (optimizer state, caches): never timed
 _TIMES: dict[tuple[str, str], float] = {}  # (group, impl) -> mean seconds, for ratios inside one run
@@ -82,7 +82,7 @@ def test_train_step_kernels_vs_padded(benchmark, ops, batch):
 
 
 def _loss_reads(loss_fn, batch) -> list[str]:
-    """The host reads (benchmarks/host_reads.py) of one loss forward + backward."""
+    """The host reads (dpar_kernels.testing.HostReadCounter) of one loss forward + backward."""
     with HostReadCounter() as counter:
         loss_fn(batch.tokens, batch.labels, batch.patches).backward()
     return counter.calls

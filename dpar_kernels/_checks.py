@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .constants import KERNEL_BACKENDS
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 _validate = {"enabled": os.environ.get("DPAR_VALIDATE", "1") != "0"}
@@ -192,3 +194,26 @@ def check_temperature(value) -> float:
     check_positive("temperature", value)
     value = check_finite("temperature", value)
     return min(max(value, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+
+
+def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t itself when its last dim has unit stride (other strides free: kernels take them), else a contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def supported_backends(op, requested: str | None, dtype: torch.dtype, names: str, *, kernel_ok: bool = True,
+                       kernel_limit: tuple[str, str] = ("", "")) -> tuple[str, ...]:
+    """The backends of ``op``'s table that take inputs ``names`` of ``dtype``: float64 runs on torch/cpu only, and
+    the kernel backends (triton, cuda) only when ``kernel_ok``. A forced kernel backend that cannot take them raises
+    TypeError (dtype) or ValueError naming why: ``kernel_limit`` = (what, limit), e.g. ("head dim 40",
+    "kernel head dims: (32, 64)")."""
+    if requested in KERNEL_BACKENDS:
+        if dtype == torch.float64:
+            raise TypeError(f"backend {requested!r} takes float32/float16/bfloat16 {names}, got float64 "
+                            f"(the torch and cpu backends take float64)")
+        if not kernel_ok:
+            raise ValueError(f"{kernel_limit[0]} is not supported by backend {requested!r} ({kernel_limit[1]}); the "
+                             f"torch and cpu backends take any")
+    if kernel_ok and dtype != torch.float64:
+        return op.backend_names
+    return tuple(b for b in op.backend_names if b not in KERNEL_BACKENDS)

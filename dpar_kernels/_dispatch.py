@@ -16,7 +16,6 @@ import torch
 from . import _extension
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-FLOAT64_BACKENDS = ("torch", "cpu")  # the CUDA and Triton kernels take fp32/fp16/bf16 only
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 # Per-op exceptions, keyed by (op, device type). varlen_attention on CUDA tensors prefers Triton until measured:
 # its kernels use tensor-core async copies and 16-byte loads, the CUDA kernel scalar loads through shared memory.
@@ -76,28 +75,36 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
     raise AssertionError(backend)
 
 
-def resolve_backend(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...]) -> str:
+def resolve_backend(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...], *,
+                    strict_default: bool = True) -> str:
     """Returns the backend name that ``op`` will run with on ``device``.
 
-    requested: None, or one of BACKENDS. supported: the backends ``op`` implements.
+    requested: None, or one of BACKENDS. supported: the backends ``op`` can run on these inputs.
+    strict_default: when False, a process default (DPAR_BACKEND / set_default_backend) that cannot run here is
+    ignored (the automatic choice applies) instead of raising.
     """
     if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
-        return _resolve(op, requested, device, supported)
-    key = (op, requested, device, supported, _default["backend"], HAS_TRITON, TRITON_INTERPRETER,
+        return _resolve(op, requested, device, supported, strict_default)
+    key = (op, requested, device, supported, strict_default, _default["backend"], HAS_TRITON, TRITON_INTERPRETER,
            _extension.HAS_CPU_OPS, _extension.HAS_CUDA_OPS)
     backend = _resolved.get(key)
     if backend is None:
-        backend = _resolved[key] = _resolve(op, requested, device, supported)
+        backend = _resolved[key] = _resolve(op, requested, device, supported, strict_default)
     return backend
 
 
-def _resolve(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...]) -> str:
+def _resolve(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...],
+             strict_default: bool = True) -> str:
     forced = requested if requested is not None else _default["backend"]
+    if (requested is None and forced is not None and not strict_default
+            and (forced not in supported or _why_unavailable(forced, device) is not None)):
+        forced = None
     if forced is not None:
         if forced not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {forced!r}")
         if forced not in supported:
-            raise BackendUnavailableError(f"{op}: backend {forced!r} is not implemented (it has {supported})")
+            raise BackendUnavailableError(f"{op}: backend {forced!r} is not implemented for these inputs "
+                                          f"(it has {supported})")
         reason = _why_unavailable(forced, device)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
@@ -106,11 +113,6 @@ def _resolve(op: str, requested: str | None, device: torch.device, supported: tu
         if candidate in supported and _why_unavailable(candidate, device) is None:
             return candidate
     return "torch"
-
-
-def supported_for_dtype(supported: tuple[str, ...], dtype: torch.dtype) -> tuple[str, ...]:
-    """The backends of ``supported`` that take ``dtype`` (float64 only runs on FLOAT64_BACKENDS)."""
-    return tuple(b for b in supported if b in FLOAT64_BACKENDS) if dtype == torch.float64 else supported
 
 
 def available_backends(device: torch.device | str, supported: tuple[str, ...] = BACKENDS) -> list[str]:

@@ -88,6 +88,6 @@ def test_direct_calls_take_parameters_but_not_other_subclasses():
 
     weight = torch.nn.Parameter(torch.randn(4, 8))
     with torch.no_grad():
-        assert direct_call_ok("cpu", torch.randn(3), weight, None)
-        assert not direct_call_ok("cpu", torch.randn(3).as_subclass(Marked))
-    assert not direct_call_ok("cpu", weight)  # gradient needed
+        assert direct_call_ok("cpu", (torch.randn(3), weight, None))
+        assert not direct_call_ok("cpu", (torch.randn(3).as_subclass(Marked),))
+    assert not direct_call_ok("cpu", (weight,))  # gradient needed

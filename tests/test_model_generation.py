@@ -4,7 +4,7 @@ import functools
 import pytest
 import torch
 import torch._dynamo
-from benchmarks.host_reads import HostReadCounter
+from dpar_kernels.testing import HostReadCounter
 from model_utils import single_thread, tiny_models  # noqa: F401
 from torch.overrides import _pop_mode_temporarily
 from torch.utils._python_dispatch import _disable_current_modes

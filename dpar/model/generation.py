@@ -19,6 +19,8 @@ import functools
 
 import torch
 
+from dpar_kernels.patching import next_patch_starts, thresholds
+
 from .blocks import grid_positions
 from .kv_cache import KVCache
 from .patcher import PatchBatch
@@ -122,12 +124,9 @@ class _OpenPatches:
         self.max_patch_size, self.grid_width = max_patch_size, grid_width
 
     def starts_at(self, t: int, previous_entropy: torch.Tensor, threshold) -> torch.Tensor:
-        """bool [B]: token t starts a new patch (same rules as dk.entropy_patch_lengths); previous_entropy None
-        when every threshold is +inf (fixed-size patches)."""
-        if t % self.grid_width == 0:
-            return torch.ones_like(self.start, dtype=torch.bool)
-        full = t - self.start == self.max_patch_size
-        return full if previous_entropy is None else (previous_entropy.double() > threshold) | full
+        """bool [B]: token t starts a new patch (dk.entropy_patch_lengths' rules); previous_entropy None when every
+        threshold is +inf (fixed-size patches)."""
+        return next_patch_starts(t, previous_entropy, threshold, self.start, self.max_patch_size, self.grid_width)
 
     def summary(self, starting: torch.Tensor, t: int) -> tuple[int, int]:
         """The step's one host read: (images starting a patch at t, longest patch they close)."""
@@ -149,12 +148,11 @@ class _OpenPatches:
 
 
 def _thresholds(threshold, batch: int, device) -> torch.Tensor:
-    """float or [B] tensor -> float64 [B]."""
-    if isinstance(threshold, torch.Tensor):
-        if threshold.shape != (batch,):
-            raise ValueError(f"threshold must be a float or a [B={batch}] tensor, got shape {tuple(threshold.shape)}")
-        return threshold.to(device=device, dtype=torch.float64)
-    return torch.full((batch,), float(threshold), dtype=torch.float64, device=device)
+    """float or [B] tensor (checked by dk.patching.thresholds) -> float64 [B] on ``device``."""
+    checked = thresholds(threshold, batch)
+    if isinstance(checked, torch.Tensor):
+        return checked.to(device)
+    return torch.full((batch,), checked, dtype=torch.float64, device=device)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Pure-PyTorch varlen attention: a per-sequence loop, the reference for tests and the "torch" backend.
+"""Pure-PyTorch varlen attention: the reference for tests and the "torch" backend (sequences padded in length-sorted
+groups, so it runs as a few batched matmuls).
 
 q [total_q, Hq, d], k/v [total_k, Hk, d], cu_seqlens_q/k int32 [B+1]. Causal masks bottom-right aligned:
 query j of a length-Lq sequence with Lk keys sees keys 0 .. Lk-Lq+j. A query that sees no key outputs 0 and
@@ -9,77 +10,129 @@ see that key (probability 0 times NaN) on every backend. +-inf inputs are not gi
 """
 import torch
 
+PADDED_BUDGET = 1 << 24  # most score elements (sequences x heads x Lq x Lk) one padded batch holds
 
-def _sequence_attention(q, k, v, scale: float, causal: bool):
-    """q [Lq, Hq, d], k/v [Lk, Hk, d] -> out [Lq, Hq, d], lse [Hq, Lq]."""
-    lq, hq, _ = q.shape
-    lk, hk, _ = k.shape
-    k = k.repeat_interleave(hq // hk, dim=1)
-    v = v.repeat_interleave(hq // hk, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    if causal:
-        allowed = torch.arange(lk, device=q.device)[None, :] <= (lk - lq + torch.arange(lq, device=q.device))[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = ~torch.isneginf(lse)  # -inf: sees no key (output 0); NaN and +inf propagate
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
-    return torch.einsum("hqk,khd->qhd", probs, v), torch.where(lse.isnan(), float("-inf"), lse)
+
+def _buckets(lengths_q: list[int], lengths_k: list[int], heads: int) -> list[list[int]]:
+    """Sequences with queries, sorted by length and cut into groups whose padded scores fit PADDED_BUDGET."""
+    order = sorted((b for b in range(len(lengths_q)) if lengths_q[b] > 0), key=lambda b: (lengths_k[b], lengths_q[b]))
+    groups, group, longest_q, longest_k = [], [], 0, 0
+    for b in order:
+        lq, lk = max(longest_q, lengths_q[b]), max(longest_k, lengths_k[b], 1)
+        if group and (len(group) + 1) * heads * lq * lk > PADDED_BUDGET:
+            groups.append(group)
+            group, lq, lk = [], lengths_q[b], max(lengths_k[b], 1)
+        group.append(b)
+        longest_q, longest_k = lq, lk
+    return groups + [group] if group else groups
+
+
+def _rows(starts: torch.Tensor, lengths: torch.Tensor, longest: int):
+    """(index [n, longest] of each padded row into the packed rows, valid [n, longest])."""
+    position = torch.arange(longest, device=starts.device)
+    return starts[:, None] + position[None, :], position[None, :] < lengths[:, None]
+
+
+def _pad(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Packed rows x [total, H, d] -> [n, longest, H, d], zeros where not valid."""
+    rows = x[index.clamp(max=max(x.shape[0] - 1, 0))] if x.shape[0] else x.new_zeros(*index.shape, *x.shape[1:])
+    return torch.where(valid[..., None, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class _Group:
+    """Padded views of one group of sequences: index/valid of their query and key rows and the attention mask."""
+
+    def __init__(self, group, bounds_q, bounds_k, causal: bool, device):
+        lengths_q = [bounds_q[b + 1] - bounds_q[b] for b in group]
+        lengths_k = [bounds_k[b + 1] - bounds_k[b] for b in group]
+        self.longest_q, self.longest_k = max(lengths_q), max(max(lengths_k), 1)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        len_q, len_k = as_tensor(lengths_q), as_tensor(lengths_k)
+        self.index_q, self.valid_q = _rows(as_tensor([bounds_q[b] for b in group]), len_q, self.longest_q)
+        self.index_k, self.valid_k = _rows(as_tensor([bounds_k[b] for b in group]), len_k, self.longest_k)
+        query = torch.arange(self.longest_q, device=device)[None, :, None]
+        key = torch.arange(self.longest_k, device=device)[None, None, :]
+        allowed = self.valid_k[:, None, :] & self.valid_q[:, :, None]
+        if causal:
+            allowed = allowed & (key <= (len_k - len_q)[:, None, None] + query)
+        self.allowed = allowed[:, None]  # [n, 1, Lq, Lk]
+
+
+def _groups(q, k, cu_seqlens_q, cu_seqlens_k, causal: bool) -> list[_Group]:
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lengths_q = [bounds_q[b + 1] - bounds_q[b] for b in range(len(bounds_q) - 1)]
+    lengths_k = [bounds_k[b + 1] - bounds_k[b] for b in range(len(bounds_k) - 1)]
+    return [_Group(group, bounds_q, bounds_k, causal, q.device)
+            for group in _buckets(lengths_q, lengths_k, q.shape[1])]
+
+
+def _scores(q, k, allowed, scale: float):
+    """q [n, Lq, Hq, d], k [n, Lk, Hk, d] -> masked scores [n, Hq, Lq, Lk] (GQA: each kv head serves its group)."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("nqhd,nkhd->nhqk", q, k) * scale
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def _probabilities(scores, lse):
+    """softmax from the log-sum-exp; rows that see no key (lse -inf) are 0, NaN rows stay NaN."""
+    finite = ~torch.isneginf(lse) | scores.isnan().any(-1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return torch.where(finite[..., None], probs, torch.zeros_like(probs))
+
+
+def _fold(grad, heads_kv: int):
+    """[n, Lk, Hq, d] -> [n, Lk, Hk, d]: sums the query heads of each kv head."""
+    n, lk, hq, d = grad.shape
+    return grad.reshape(n, lk, heads_kv, hq // heads_kv, d).sum(3)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      softmax_scale: float, causal: bool):
-    """-> (out [total_q, Hq, d] in q's dtype, lse float32 [Hq, total_q] (float64 for float64 inputs))."""
+    """-> (out [total_q, Hq, d] in q's dtype, lse float32 [Hq, total_q] (float64 for float64 inputs)).
+
+    Sequences are sorted by length and padded in groups (PADDED_BUDGET), so a batch of many short sequences costs a
+    few batched matmuls, not a Python loop over sequences."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_zeros(q.shape, dtype=compute)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=compute, device=q.device)
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
-        if q1 == q0:
-            continue
-        o, l = _sequence_attention(q[q0:q1].to(compute), k[k0:k1].to(compute), v[k0:k1].to(compute),
-                                   softmax_scale, causal)
-        out[q0:q1], lse[:, q0:q1] = o, l
+    for g in _groups(q, k, cu_seqlens_q, cu_seqlens_k, causal):
+        qp, kp, vp = (_pad(t.to(compute), index, valid) for t, index, valid in
+                      ((q, g.index_q, g.valid_q), (k, g.index_k, g.valid_k), (v, g.index_k, g.valid_k)))
+        scores = _scores(qp, kp, g.allowed, softmax_scale)
+        group_lse = torch.logsumexp(scores, dim=-1)  # [n, Hq, Lq]
+        vp = vp.repeat_interleave(q.shape[1] // k.shape[1], dim=2)
+        group_out = torch.einsum("nhqk,nkhd->nqhd", _probabilities(scores, group_lse), vp)
+        rows = g.index_q[g.valid_q]
+        out[rows] = group_out[g.valid_q]
+        lse[:, rows] = torch.where(group_lse.isnan(), float("-inf"), group_lse).transpose(1, 2)[g.valid_q].T
     return out.to(q.dtype), lse
-
-
-def _sequence_backward(dout, q, k, v, out, lse, scale: float, causal: bool):
-    """Analytic gradients of one sequence; lse [Hq, Lq] from the forward. -> dq, dk [Lk, Hk, d], dv."""
-    lq, hq, _ = q.shape
-    lk, hk, _ = k.shape
-    group = hq // hk
-    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k_rep) * scale
-    if causal:
-        allowed = torch.arange(lk, device=q.device)[None, :] <= (lk - lq + torch.arange(lq, device=q.device))[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    finite = ~torch.isneginf(lse) | scores.isnan().any(-1)  # a NaN row (lse -inf) propagates NaN gradients
-    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
-    dv = torch.einsum("hqk,qhd->khd", probs, dout)
-    dprobs = torch.einsum("qhd,khd->hqk", dout, v_rep)
-    delta = (dout * out).sum(-1).transpose(0, 1)  # [Hq, Lq]
-    dscores = probs * (dprobs - delta[..., None]) * scale
-    dq = torch.einsum("hqk,khd->qhd", dscores, k_rep)
-    dk = torch.einsum("hqk,qhd->khd", dscores, q)
-    fold = lambda t: t.reshape(lk, hk, group, -1).sum(2)  # noqa: E731 - sum the query heads of each kv head
-    return dq, fold(dk), fold(dv)
 
 
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                               max_seqlen_k: int, softmax_scale: float, causal: bool):
-    """dout [total_q, Hq, d] -> (dq, dk, dv) in the dtypes of q, k, v."""
+    """dout [total_q, Hq, d] -> (dq, dk, dv) in the dtypes of q, k, v; analytic, grouped as the forward."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=q.device)
     dv = torch.zeros(v.shape, dtype=compute, device=q.device)
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
-        if q1 == q0 or k1 == k0:
-            continue
-        grads = _sequence_backward(*(t.to(compute) for t in (dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1],
-                                                             out[q0:q1], lse[:, q0:q1])), softmax_scale, causal)
-        dq[q0:q1], dk[k0:k1], dv[k0:k1] = grads
+    group_size = q.shape[1] // max(k.shape[1], 1)
+    for g in _groups(q, k, cu_seqlens_q, cu_seqlens_k, causal):
+        pad_q = lambda t: _pad(t.to(compute), g.index_q, g.valid_q)  # noqa: E731
+        pad_k = lambda t: _pad(t.to(compute), g.index_k, g.valid_k)  # noqa: E731
+        qp, doutp, outp, kp, vp = pad_q(q), pad_q(dout), pad_q(out), pad_k(k), pad_k(v)
+        lsep = _pad(lse.T.to(compute)[:, :, None], g.index_q, g.valid_q)[..., 0].transpose(1, 2)  # [n, Hq, Lq]
+        lsep = torch.where(g.valid_q[:, None, :], lsep, torch.full_like(lsep, float("-inf")))
+        scores = _scores(qp, kp, g.allowed, softmax_scale)
+        probs = _probabilities(scores, lsep)
+        k_rep, v_rep = kp.repeat_interleave(group_size, dim=2), vp.repeat_interleave(group_size, dim=2)
+        dv_rep = torch.einsum("nhqk,nqhd->nkhd", probs, doutp)
+        dprobs = torch.einsum("nqhd,nkhd->nhqk", doutp, v_rep)
+        delta = (doutp * outp).sum(-1).transpose(1, 2)  # [n, Hq, Lq]
+        dscores = probs * (dprobs - delta[..., None]) * softmax_scale
+        dq_p = torch.einsum("nhqk,nkhd->nqhd", dscores, k_rep)
+        dk_p = _fold(torch.einsum("nhqk,nqhd->nkhd", dscores, qp), k.shape[1])
+        dv_p = _fold(dv_rep, k.shape[1])
+        dq[g.index_q[g.valid_q]] = dq_p[g.valid_q]
+        dk[g.index_k[g.valid_k]] = dk_p[g.valid_k]
+        dv[g.index_k[g.valid_k]] = dv_p[g.valid_k]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -6,82 +6,29 @@ is a custom op on the same backend. FLOPs are registered with torch.utils.flop_c
 import math
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
-from .._autocast import cast_for_autocast, register_lower_precision
 from .._checks import (check_cu_seqlens, check_finite, check_float, check_index, check_same_device, check_tensor,
-                       launch_length)
-from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import direct_call_ok, extension_op, lazy
+                       launch_length, last_dim_contiguous, supported_backends)
+from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kernel
+from ..constants import ATTENTION_HEAD_DIMS
 from . import naive
 
-KERNEL_HEAD_DIMS = (32, 64, 80, 96, 128)  # head dims of the triton and cuda kernels; torch/cpu take any
-
-_FORWARD = {
-    "torch": naive.varlen_attention,
-    "cpu": extension_op("varlen_attention"),
-    "cuda": extension_op("varlen_attention"),
-    "triton": lazy(".attention.triton_kernels", "varlen_attention"),
-}
-_BACKWARD = {
-    "torch": naive.varlen_attention_backward,
-    "cpu": extension_op("varlen_attention_backward"),
-    "cuda": extension_op("varlen_attention_backward"),
-    "triton": lazy(".attention.triton_kernels", "varlen_attention_backward"),
-}
+SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+          "SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+                   "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) "
+                   "-> (Tensor, Tensor, Tensor)")
 
 
-@torch.library.custom_op("dpar::varlen_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                  causal: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _FORWARD[backend](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale, causal)
-    return out, lse
-
-
-@_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, backend):
+def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[1], q.shape[0],
-                                                                                   dtype=lse_dtype)
-
-
-@torch.library.custom_op("dpar::varlen_attention_backward", mutates_args=())
-def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                           softmax_scale: float, causal: bool, backend: str
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _BACKWARD[backend](dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, softmax_scale, causal)
-    return dq, dk, dv
-
-
-@_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype))
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, causal, backend)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-_attention_op.register_autograd(_backward, setup_context=_setup)
-register_lower_precision("dpar::varlen_attention")
+def _backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                   causal):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def attended_pairs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool) -> int:
@@ -98,41 +45,44 @@ def attended_pairs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causa
     return int(((first + lk) * seeing).sum()) // 2
 
 
-@register_flop_formula(torch.ops.dpar.varlen_attention, get_raw=True)
 def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, out_val=None, **kwargs) -> int:
     """Two matmuls (QK^T and PV) over the attended pairs, like torch's SDPA formula."""
-    causal = args[3] if len(args) > 3 else kwargs["causal"]  # args: max_q, max_k, scale, causal, backend
+    causal = args[3] if len(args) > 3 else kwargs["causal"]  # args: max_q, max_k, scale, causal[, backend]
     return 4 * q.shape[1] * q.shape[2] * attended_pairs(cu_seqlens_q, cu_seqlens_k, causal)
 
 
-@register_flop_formula(torch.ops.dpar.varlen_attention_backward, get_raw=True)
 def _backward_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *args, out_val=None, **kwargs) -> int:
     """Five matmuls (recomputed QK^T, dP, dV, dQ, dK), like torch's SDPA backward formula."""
     causal = args[3] if len(args) > 3 else kwargs["causal"]
     return 10 * q.shape[1] * q.shape[2] * attended_pairs(cu_seqlens_q, cu_seqlens_k, causal)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-                     softmax_scale: float | None = None, causal: bool = True, return_lse: bool = False,
-                     backend: str | None = None):
-    """Attention of each packed query sequence over its own key sequence (flash_attn_varlen_func layout).
+BACKWARD = define_op(
+    "varlen_attention_backward", schema=BACKWARD_SCHEMA, validate=None, fake=_backward_fake, flops=_backward_flops,
+    backends={"torch": naive.varlen_attention_backward,
+              "cpu": extension_kernel("varlen_attention_backward"),
+              "cuda": extension_kernel("varlen_attention_backward"),
+              "triton": triton_kernel("attention.triton_kernels", "varlen_attention_backward")})
 
-    q [total_q, Hq, d], k/v [total_k, Hk, d] with Hq % Hk == 0, same float dtype (fp32/fp16/bf16; fp64 on
-    torch/cpu), last dim contiguous (other strides free, e.g. slices of a fused qkv). cu_seqlens_q/k int32 [B+1].
-    max_seqlen_q/k: at least the longest sequence. causal=True masks bottom-right aligned. softmax_scale
-    defaults to 1/sqrt(d). Returns out [total_q, Hq, d], and with return_lse=True also lse float32
-    [Hq, total_q] (-inf for a query that sees no key; its output row is 0). max_seqlen_q/k: ints of any integer
-    kind (Python, numpy, 0-d tensor). softmax_scale must be finite (ValueError for NaN/inf).
 
-    NaN (the same on every backend): a NaN in a query's q row, or in a k or v row it sees, makes its output row NaN
-    and its lse -inf; a NaN k row a query does not see leaves it untouched, a NaN v row may reach every query of its
-    sequence (0 * NaN in the P @ V product). +-inf inputs have no defined result. Under torch.autocast,
-    q, k, v run in the autocast dtype. The kernels' launch grids follow the longest sequence, never an oversized
-    max_seqlen.
-    """
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        q, k, v = cast_for_autocast(q.device, q, k, v)
+def _setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, causal)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = BACKWARD.run(ctx.backend, (dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args))
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, *,
+              backend) -> Prepared:
+    """The argument contract of varlen_attention (see its docstring)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, ndim=3)
     check_tensor("cu_seqlens_q", cu_seqlens_q)
@@ -158,22 +108,45 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for name, value, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
         if longest is not None and value < longest:
             raise ValueError(f"{name}={value} is smaller than the longest sequence ({longest})")
-    if q.dtype == torch.float64 and backend in ("triton", "cuda"):
-        raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 q, k, v, got float64 "
-                        f"(the torch and cpu backends take float64)")
-    supported = supported_for_dtype(tuple(_FORWARD) if q.shape[2] in KERNEL_HEAD_DIMS else ("torch", "cpu"),
-                                    q.dtype)
-    if backend in ("triton", "cuda") and backend not in supported:
-        raise ValueError(f"head dim {q.shape[2]} is not supported by backend {backend!r} "
-                         f"(supported: {KERNEL_HEAD_DIMS}; the torch and cpu backends take any)")
-    backend = resolve_backend("varlen_attention", backend, device, supported)
+    supported = supported_backends(VARLEN_ATTENTION, backend, q.dtype, "q, k, v",
+                                   kernel_ok=q.shape[2] in ATTENTION_HEAD_DIMS,
+                                   kernel_limit=(f"head dim {q.shape[2]}", f"kernel head dims: {ATTENTION_HEAD_DIMS}"))
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else check_finite("softmax_scale", softmax_scale)
-    q, k, v = (t if t.stride()[-1] == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     args = (q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
             launch_length(longest_q, max_seqlen_q, q.shape[0]), launch_length(longest_k, max_seqlen_k, k.shape[0]),
             scale, bool(causal))
-    if direct_call_ok(backend, q, k, v, cu_seqlens_q, cu_seqlens_k):  # no gradient: the kernel without the dispatcher
-        out, lse = _FORWARD[backend](*args)
-    else:
-        out, lse = _attention_op(*args, backend)
+    return Prepared(args, device, supported)
+
+
+VARLEN_ATTENTION = define_op(
+    "varlen_attention", schema=SCHEMA, validate=_validate, fake=_fake, flops=_forward_flops, autocast=True,
+    backward=Backward(_backward, _setup),
+    backends={"torch": naive.varlen_attention,
+              "cpu": extension_kernel("varlen_attention"),
+              "cuda": extension_kernel("varlen_attention"),
+              "triton": triton_kernel("attention.triton_kernels", "varlen_attention")})
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                     softmax_scale: float | None = None, causal: bool = True, return_lse: bool = False,
+                     backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each packed query sequence over its own key sequence (flash_attn_varlen_func layout).
+
+    q [total_q, Hq, d], k/v [total_k, Hk, d] with Hq % Hk == 0, same float dtype (fp32/fp16/bf16; fp64 on
+    torch/cpu), last dim contiguous (other strides free, e.g. slices of a fused qkv). cu_seqlens_q/k int32 [B+1].
+    max_seqlen_q/k: at least the longest sequence. causal=True masks bottom-right aligned. softmax_scale
+    defaults to 1/sqrt(d). Returns out [total_q, Hq, d], and with return_lse=True also lse float32
+    [Hq, total_q] (-inf for a query that sees no key; its output row is 0). max_seqlen_q/k: ints of any integer
+    kind (Python, numpy, 0-d tensor). softmax_scale must be finite (ValueError for NaN/inf).
+
+    NaN (the same on every backend): a NaN in a query's q row, or in a k or v row it sees, makes its output row NaN
+    and its lse -inf; a NaN k row a query does not see leaves it untouched, a NaN v row may reach every query of its
+    sequence (0 * NaN in the P @ V product). +-inf inputs have no defined result. Under torch.autocast,
+    q, k, v run in the autocast dtype. The kernels' launch grids follow the longest sequence, never an oversized
+    max_seqlen.
+    """
+    out, lse = VARLEN_ATTENTION(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                backend=backend)
     return (out, lse) if return_lse else out

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .._dispatch import device_guard, triton_interpreter
+from ..constants import ATTENTION_HEAD_DIMS
 
-HEAD_DIMS = (32, 64, 80, 96, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
@@ -375,8 +375,8 @@ def _constants(q: torch.Tensor, causal: bool, tiles: _Tiles) -> dict:
 def _check_kernel_inputs(q: torch.Tensor) -> None:
     if q.dtype not in _DTYPES:
         raise TypeError(f"backend 'triton' takes float32/float16/bfloat16 q, k, v, got {q.dtype}")
-    if q.shape[2] not in HEAD_DIMS:
-        raise ValueError(f"backend 'triton' supports head dims {HEAD_DIMS}, got {q.shape[2]}")
+    if q.shape[2] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"backend 'triton' supports head dims {ATTENTION_HEAD_DIMS}, got {q.shape[2]}")
 
 
 def _row_major_lse(lse: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """linear_entropy for the "cpu" backend: torch.matmul into one reused [row_chunk, vocab_chunk] logits buffer, the
 running (m, s, w) entropy state of each row updated in place by the C++ op dpar_C.entropy_state_update.
-Decode-sized inputs (at most KERNEL_MAX_ROWS float32 rows, the entropy model's step) multiply with dpar_C.linear
+Decode-sized inputs (at most LINEAR_MAX_ROWS float32 rows, the entropy model's step) multiply with dpar_C.linear
 instead, which reads the weight about twice as fast as BLAS at so few rows (dpar_kernels/linear).
 
 Peak extra memory: one logits tile plus the fp32 copies of one hidden and one weight chunk (fp16/bf16 inputs are
@@ -8,7 +8,7 @@ multiplied in fp32, which is faster and more accurate on CPU).
 """
 import torch
 
-from ..linear.ops import KERNEL_MAX_ROWS
+from ..constants import LINEAR_MAX_ROWS
 
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 4096
@@ -21,7 +21,7 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, dtype=acc)
-    decode = n <= KERNEL_MAX_ROWS and acc == torch.float32
+    decode = n <= LINEAR_MAX_ROWS and acc == torch.float32
     tile_buffer = None if decode else torch.empty(min(row_chunk, n) * min(vocab_chunk, v), dtype=acc)
     update = torch.ops.dpar_C.entropy_state_update
     for r0 in range(0, n, row_chunk):

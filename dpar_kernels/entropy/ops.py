@@ -1,53 +1,71 @@
 """Public entropy ops: token_entropy and linear_entropy (forward only)."""
 import torch
 
-from .._autocast import cast_for_autocast, register_lower_precision
-from .._checks import check_float, check_same_device, check_temperature
-from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import direct_call_ok, extension_op, lazy, reject_grad
+from .._checks import check_float, check_same_device, check_temperature, last_dim_contiguous, supported_backends
+from .._ops import Prepared, define_op, extension_kernel, reject_grad, triton_kernel
 from . import cpu_linear, naive
 
-_TOKEN_ENTROPY = {
-    "torch": naive.token_entropy,
-    "cpu": extension_op("token_entropy"),
-    "cuda": extension_op("token_entropy"),
-    "triton": lazy(".entropy.triton_kernels", "token_entropy"),
-}
-_LINEAR_ENTROPY = {
-    "torch": naive.linear_entropy,
-    "cpu": cpu_linear.linear_entropy,
-    "cuda": lazy(".entropy.triton_kernels", "linear_entropy"),
-    "triton": lazy(".entropy.triton_kernels", "linear_entropy"),
-}
+
+def _float32(kernel):
+    """The entropy ops return float32 on every backend (float64 inputs accumulate in float64, then round)."""
+    def call(*args):
+        entropy = kernel(*args)
+        return entropy if entropy.dtype == torch.float32 else entropy.float()
+    return call
 
 
-def _token_entropy(logits: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    entropy = _TOKEN_ENTROPY[backend](logits, temperature)
-    return entropy if entropy.dtype == torch.float32 else entropy.float()
+def _token_entropy_validate(logits, temperature, *, backend) -> Prepared:
+    """The argument contract of token_entropy (see its docstring)."""
+    check_float("logits", logits, min_ndim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty last dim (the vocabulary)")
+    temperature = check_temperature(temperature)
+    reject_grad("token_entropy", logits=logits)
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+    supported = supported_backends(TOKEN_ENTROPY, backend, logits.dtype, "logits")
+    return Prepared((last_dim_contiguous(rows), temperature), logits.device, supported)
 
 
-@torch.library.custom_op("dpar::token_entropy", mutates_args=())
-def _token_entropy_op(logits: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    return _token_entropy(logits, temperature, backend)
+TOKEN_ENTROPY = define_op(
+    "token_entropy", schema="(Tensor logits, float temperature) -> Tensor", validate=_token_entropy_validate,
+    fake=lambda logits, temperature: logits.new_empty(logits.shape[:-1], dtype=torch.float32),
+    backends={"torch": _float32(naive.token_entropy),
+              "cpu": _float32(extension_kernel("token_entropy")),
+              "cuda": _float32(extension_kernel("token_entropy")),
+              "triton": _float32(triton_kernel("entropy.triton_kernels", "token_entropy"))})
 
 
-@_token_entropy_op.register_fake
-def _(logits, temperature, backend):
-    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+def _linear_entropy_validate(hidden, weight, bias, temperature, *, backend) -> Prepared:
+    """The argument contract of linear_entropy (see its docstring)."""
+    check_float("hidden", hidden, ndim=2)
+    check_float("weight", weight, ndim=2)
+    if bias is not None:
+        check_float("bias", bias, ndim=1)
+    device = check_same_device(hidden=hidden, weight=weight, bias=bias)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] disagree on D: {hidden.shape[1]} vs {weight.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (the vocabulary)")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have V={weight.shape[0]} entries, got {bias.shape[0]}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    temperature = check_temperature(temperature)
+    reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
+    supported = supported_backends(LINEAR_ENTROPY, backend, hidden.dtype, "hidden, weight, bias")
+    # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
+    args = (last_dim_contiguous(hidden), last_dim_contiguous(weight), last_dim_contiguous(bias), temperature)
+    return Prepared(args, device, supported)
 
 
-@torch.library.custom_op("dpar::linear_entropy", mutates_args=())
-def _linear_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       temperature: float, backend: str) -> torch.Tensor:
-    return _LINEAR_ENTROPY[backend](hidden, weight, bias, temperature).to(torch.float32)
-
-
-@_linear_entropy_op.register_fake
-def _(hidden, weight, bias, temperature, backend):
-    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-
-
-register_lower_precision("dpar::linear_entropy")  # a matmul: autocast's dtype; token_entropy has one float input
+LINEAR_ENTROPY = define_op(
+    "linear_entropy", schema="(Tensor hidden, Tensor weight, Tensor? bias, float temperature) -> Tensor",
+    validate=_linear_entropy_validate, autocast=True,  # a matmul: autocast's dtype
+    fake=lambda hidden, weight, bias, temperature: hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+    backends={"torch": _float32(naive.linear_entropy),
+              "cpu": _float32(cpu_linear.linear_entropy),
+              "cuda": _float32(triton_kernel("entropy.triton_kernels", "linear_entropy")),
+              "triton": _float32(triton_kernel("entropy.triton_kernels", "linear_entropy"))})
 
 
 def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
@@ -61,18 +79,7 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
     (ValueError otherwise, NaN included) and is clamped to [1e-20, 1e20]: a huge temperature gives log V (the
     uniform limit), a tiny one log(number of maximal logits) (the arg-max limit), never NaN.
     """
-    check_float("logits", logits, min_ndim=1)
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have a non-empty last dim (the vocabulary)")
-    temperature = check_temperature(temperature)
-    reject_grad("token_entropy", logits=logits)
-    supported = supported_for_dtype(tuple(_TOKEN_ENTROPY), logits.dtype)
-    backend = resolve_backend("token_entropy", backend, logits.device, supported)
-    rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
-    if rows.stride()[-1] != 1:
-        rows = rows.contiguous()
-    run = _token_entropy if direct_call_ok(backend, rows) else _token_entropy_op
-    entropy = run(rows, float(temperature), backend)
+    entropy = TOKEN_ENTROPY(logits, temperature, backend=backend)
     return entropy if logits.dim() == 2 else entropy.reshape(logits.shape[:-1])
 
 
@@ -86,32 +93,4 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     checks as token_entropy (NaN rows give NaN; temperature finite, > 0, clamped to [1e-20, 1e20]). Under torch.autocast,
     hidden, weight and bias run in the autocast dtype (the entropy still accumulates in fp32).
     """
-    if isinstance(hidden, torch.Tensor):
-        hidden, weight, bias = cast_for_autocast(hidden.device, hidden, weight, bias)
-    check_float("hidden", hidden, ndim=2)
-    check_float("weight", weight, ndim=2)
-    if bias is not None:
-        check_float("bias", bias, ndim=1)
-    check_same_device(hidden=hidden, weight=weight, bias=bias)
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, D] and weight [V, D] disagree on D: {hidden.shape[1]} vs {weight.shape[1]}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (the vocabulary)")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must have V={weight.shape[0]} entries, got {bias.shape[0]}")
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    temperature = check_temperature(temperature)
-    reject_grad("linear_entropy", hidden=hidden, weight=weight, bias=bias)
-    supported = supported_for_dtype(tuple(_LINEAR_ENTROPY), hidden.dtype)
-    backend = resolve_backend("linear_entropy", backend, hidden.device, supported)
-    # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
-    hidden, weight = _unit_last_stride(hidden), _unit_last_stride(weight)
-    bias = None if bias is None else _unit_last_stride(bias)
-    if direct_call_ok(backend, hidden, weight, bias):  # eager, no grad: skip the dispatcher round trip
-        return _LINEAR_ENTROPY[backend](hidden, weight, bias, float(temperature)).to(torch.float32)
-    return _linear_entropy_op(hidden, weight, bias, float(temperature), backend)
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return LINEAR_ENTROPY(hidden, weight, bias, temperature, backend=backend)

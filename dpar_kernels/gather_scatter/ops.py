@@ -6,57 +6,35 @@ cast).
 """
 import torch
 
-from .._checks import check_cu_seqlens, check_float, check_index, check_tensor
-from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import direct_call_ok, extension_op, lazy
+from .._checks import check_cu_seqlens, check_float, check_index, check_tensor, last_dim_contiguous, supported_backends
+from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kernel
 from . import naive
 
 REDUCTIONS = ("max", "sum", "mean")
 
-_GATHER = {
-    "torch": naive.patch_gather,
-    "cpu": extension_op("patch_gather"),
-    "cuda": extension_op("patch_gather"),
-    "triton": lazy(".gather_scatter.triton_kernels", "patch_gather"),
-}
-_GATHER_BACKWARD = {
-    "torch": naive.patch_gather_backward,
-    "cpu": extension_op("patch_gather_backward"),
-    "cuda": extension_op("patch_gather_backward"),
-    "triton": lazy(".gather_scatter.triton_kernels", "patch_gather_backward"),
-}
-_SCATTER = {
-    "torch": naive.patch_scatter,
-    "cpu": extension_op("patch_scatter"),
-    "cuda": extension_op("patch_scatter"),
-    "triton": lazy(".gather_scatter.triton_kernels", "patch_scatter"),
-}
 
-
-@torch.library.custom_op("dpar::patch_gather", mutates_args=())
-def _gather_op(x: torch.Tensor, cu_tokens: torch.Tensor, reduce: str, with_argmax: bool, backend: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """with_argmax: for "max", also return the arg-max (needed only for the backward); else it is empty."""
-    out, argmax = _GATHER[backend](x, cu_tokens, reduce, with_argmax)
-    return out, argmax
-
-
-@_gather_op.register_fake
-def _(x, cu_tokens, reduce, with_argmax, backend):
+def _gather_fake(x, cu_tokens, reduce, with_argmax):
     out = x.new_empty(cu_tokens.shape[0] - 1, x.shape[1])
     argmax_shape = out.shape if reduce == "max" and with_argmax else (0,)
     return out, x.new_empty(argmax_shape, dtype=torch.int32)
 
 
-@torch.library.custom_op("dpar::patch_gather_backward", mutates_args=())
-def _gather_backward_op(grad_out: torch.Tensor, cu_tokens: torch.Tensor, argmax: torch.Tensor, total: int,
-                        reduce: str, backend: str) -> torch.Tensor:
-    return _GATHER_BACKWARD[backend](grad_out.contiguous(), cu_tokens, argmax, total, reduce)
+def _gather_backward_kernel(kernel):
+    """The backward kernels take a contiguous gradient."""
+    def call(grad_out, cu_tokens, argmax, total, reduce):
+        return kernel(grad_out.contiguous(), cu_tokens, argmax, total, reduce)
+    return call
 
 
-@_gather_backward_op.register_fake
-def _(grad_out, cu_tokens, argmax, total, reduce, backend):
-    return grad_out.new_empty(total, grad_out.shape[1])
+GATHER_BACKWARD = define_op(
+    "patch_gather_backward",
+    schema="(Tensor grad_out, Tensor cu_tokens, Tensor argmax, SymInt total, str reduce) -> Tensor",
+    validate=None, fake=lambda grad_out, cu_tokens, argmax, total, reduce: grad_out.new_empty(total, grad_out.shape[1]),
+    backends={"torch": _gather_backward_kernel(naive.patch_gather_backward),
+              "cpu": _gather_backward_kernel(extension_kernel("patch_gather_backward")),
+              "cuda": _gather_backward_kernel(extension_kernel("patch_gather_backward")),
+              "triton": _gather_backward_kernel(triton_kernel("gather_scatter.triton_kernels",
+                                                              "patch_gather_backward"))})
 
 
 def _gather_setup(ctx, inputs, output):
@@ -70,21 +48,28 @@ def _gather_backward(ctx, grad_out, _grad_argmax):
     if ctx.reduce == "max" and argmax.numel() != grad_out.numel():
         raise RuntimeError("patch_gather(reduce='max') ran without its arg-max, so it has no gradient; "
                            "call it with with_argmax=True")
-    grad_x = _gather_backward_op(grad_out, cu_tokens, argmax, ctx.total, ctx.reduce, ctx.backend)
+    grad_x = GATHER_BACKWARD.run(ctx.backend, (grad_out, cu_tokens, argmax, ctx.total, ctx.reduce))
     return grad_x, None, None, None, None
 
 
-_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+def _gather_validate(x, cu_tokens, reduce, *, backend) -> Prepared:
+    """The argument contract of patch_gather (see its docstring)."""
+    check_float("x", x, ndim=2)
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
+    with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
+    args = (last_dim_contiguous(x), cu_tokens.contiguous(), reduce, with_argmax)  # kernels read offsets as raw memory
+    return Prepared(args, x.device, supported_backends(PATCH_GATHER, backend, x.dtype, "x"))
 
 
-@torch.library.custom_op("dpar::patch_scatter", mutates_args=())
-def _scatter_op(y: torch.Tensor, cu_tokens: torch.Tensor, total: int, backend: str) -> torch.Tensor:
-    return _SCATTER[backend](y, cu_tokens, total)
-
-
-@_scatter_op.register_fake
-def _(y, cu_tokens, total, backend):
-    return y.new_empty(total, y.shape[1])
+PATCH_GATHER = define_op(
+    "patch_gather", schema="(Tensor x, Tensor cu_tokens, str reduce, bool with_argmax) -> (Tensor, Tensor)",
+    validate=_gather_validate, fake=_gather_fake, backward=Backward(_gather_backward, _gather_setup),
+    backends={"torch": naive.patch_gather,
+              "cpu": extension_kernel("patch_gather"),
+              "cuda": extension_kernel("patch_gather"),
+              "triton": triton_kernel("gather_scatter.triton_kernels", "patch_gather")})
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -95,16 +80,35 @@ def _scatter_setup(ctx, inputs, output):
 
 def _scatter_backward(ctx, grad_out):
     (cu_tokens,) = ctx.saved_tensors
-    grad_y = _gather_op(grad_out.contiguous(), cu_tokens, "sum", False, ctx.backend)[0]
+    grad_y = PATCH_GATHER.run(ctx.backend, (grad_out.contiguous(), cu_tokens, "sum", False))[0]
     return grad_y, None, None, None
 
 
-_scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+def _scatter_validate(y, cu_tokens, total_tokens, *, backend) -> Prepared:
+    """The argument contract of patch_scatter (see its docstring)."""
+    check_float("y", y, ndim=2)
+    check_tensor("cu_tokens", cu_tokens)
+    if cu_tokens.dim() == 1 and cu_tokens.numel() != y.shape[0] + 1:
+        raise ValueError(f"cu_tokens must have P+1={y.shape[0] + 1} entries for y with P={y.shape[0]} rows, "
+                         f"got {cu_tokens.numel()}")
+    if total_tokens is None:
+        if cu_tokens.numel() == 0:
+            raise ValueError("cu_tokens must be a non-empty int32 tensor")
+        total_tokens = int(cu_tokens[-1].item())
+    total_tokens = check_index("total_tokens", total_tokens)
+    check_cu_seqlens("cu_tokens", cu_tokens, total_tokens, y.device)
+    args = (last_dim_contiguous(y), cu_tokens.contiguous(), total_tokens)
+    return Prepared(args, y.device, supported_backends(PATCH_SCATTER, backend, y.dtype, "y"))
 
 
-def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
-    check_float(name, x, ndim=2)
-    return x if x.stride()[-1] == 1 else x.contiguous()
+PATCH_SCATTER = define_op(
+    "patch_scatter", schema="(Tensor y, Tensor cu_tokens, SymInt total) -> Tensor",
+    validate=_scatter_validate, fake=lambda y, cu_tokens, total: y.new_empty(total, y.shape[1]),
+    backward=Backward(_scatter_backward, _scatter_setup),
+    backends={"torch": naive.patch_scatter,
+              "cpu": extension_kernel("patch_scatter"),
+              "cuda": extension_kernel("patch_scatter"),
+              "triton": triton_kernel("gather_scatter.triton_kernels", "patch_scatter")})
 
 
 def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max",
@@ -120,16 +124,7 @@ def patch_gather(x: torch.Tensor, cu_tokens: torch.Tensor, *, reduce: str = "max
     column of "max" has no arg-max and passes no gradient); +-inf propagate as in IEEE arithmetic (inf + -inf is
     NaN); a sum that overflows x's dtype is inf.
     """
-    x = _rows("x", x)
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
-    backend = resolve_backend("patch_gather", backend, x.device, supported_for_dtype(tuple(_GATHER), x.dtype))
-    cu_tokens = cu_tokens.contiguous()  # kernels read offsets as raw memory
-    if direct_call_ok(backend, x, cu_tokens):  # no gradient: no arg-max either
-        return _GATHER[backend](x, cu_tokens, reduce, False)[0]
-    with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
-    return _gather_op(x, cu_tokens, reduce, with_argmax, backend)[0]
+    return PATCH_GATHER(x, cu_tokens, reduce, backend=backend)[0]
 
 
 def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int | None = None,
@@ -139,16 +134,4 @@ def patch_scatter(y: torch.Tensor, cu_tokens: torch.Tensor, *, total_tokens: int
     total_tokens (optional, an int of any integer kind) saves reading cu_tokens[-1] from the device; it must equal it.
     Backward is the segment sum. NaN/inf rows are copied as they are (every backend).
     """
-    y = _rows("y", y)
-    check_tensor("cu_tokens", cu_tokens)
-    if cu_tokens.dim() == 1 and cu_tokens.numel() != y.shape[0] + 1:
-        raise ValueError(f"cu_tokens must have P+1={y.shape[0] + 1} entries for y with P={y.shape[0]} rows, "
-                         f"got {cu_tokens.numel()}")
-    if total_tokens is None:
-        if cu_tokens.numel() == 0:
-            raise ValueError("cu_tokens must be a non-empty int32 tensor")
-        total_tokens = int(cu_tokens[-1].item())
-    total_tokens = check_index("total_tokens", total_tokens)
-    check_cu_seqlens("cu_tokens", cu_tokens, total_tokens, y.device)
-    backend = resolve_backend("patch_scatter", backend, y.device, supported_for_dtype(tuple(_SCATTER), y.dtype))
-    return _scatter_op(y, cu_tokens.contiguous(), total_tokens, backend)
+    return PATCH_SCATTER(y, cu_tokens, total_tokens, backend=backend)

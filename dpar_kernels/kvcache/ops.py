@@ -1,51 +1,31 @@
 """Public KV-cache attention for incremental decoding (flash-attn's flash_attn_with_kvcache layout).
 
-A mutating op (k_cache and v_cache, when new keys are given), forward only. The cpu and cuda backends are the C++ op
-torch.ops.dpar_C.kvcache_attention itself, also inside torch.compile graphs (its fake is registered here): a
-torch.library Python custom op would add ~0.1 ms of Python per call to every decode layer. The torch and triton
-backends run as the Python custom op dpar::kvcache_attention. No backend reads cache_seqlens on the host; every
+A mutating op (k_cache and v_cache, when new keys are given), forward only. The cpu and cuda backends trace as the
+C++ op torch.ops.dpar_C.kvcache_attention itself inside torch.compile graphs (extension_traced: no Python work per
+call in a compiled decode step); the torch and triton backends run as the Python custom op dpar::kvcache_attention. No backend reads cache_seqlens on the host; every
 kernel clamps it (see naive.py for the exact semantics).
 """
 import math
 
 import torch
 
-from .. import _extension
-from .._checks import check_finite, check_float, check_same_device, check_tensor
-from .._dispatch import resolve_backend, supported_for_dtype
-from .._ops import direct_call_ok, extension_op, lazy, reject_grad
+from .._checks import (check_finite, check_float, check_same_device, check_tensor, last_dim_contiguous,
+                       supported_backends)
+from .._ops import Prepared, define_op, extension_kernel, reject_grad, triton_kernel
+from ..constants import KVCACHE_MAX_HEAD_DIM
 from . import naive
 
-_FORWARD = {
-    "torch": naive.kvcache_attention,
-    "cpu": extension_op("kvcache_attention"),
-    "cuda": extension_op("kvcache_attention"),
-    "triton": lazy(".kvcache.triton_kernels", "kvcache_attention"),
-}
-KERNEL_MAX_HEAD_DIM = 256  # triton and cuda kernels; torch/cpu take any
-_EXTENSION_BACKENDS = ("cpu", "cuda")
+SCHEMA = ("(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, "
+          "float softmax_scale, bool causal) -> Tensor")
 
 
-def _fake(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, backend=None):
+def _fake(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-if _extension.HAS_CPU_OPS:
-    torch.library.register_fake("dpar_C::kvcache_attention")(_fake)
-
-
-@torch.library.custom_op("dpar::kvcache_attention", mutates_args=("k_cache", "v_cache"))
-def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                k: torch.Tensor | None, v: torch.Tensor | None, softmax_scale: float, causal: bool,
-                backend: str) -> torch.Tensor:
-    return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal)
-
-
-_kvcache_op.register_fake(_fake)
-
-
-def _check(q, k_cache, v_cache, cache_seqlens, k, v) -> torch.device:
-    """Validates the arguments (each attribute read once: this runs on every decode step); returns their device."""
+def _validate(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, *, backend) -> Prepared:
+    """The argument contract of kvcache_attention (see its docstring); each attribute is read once: this runs on
+    every decode step."""
     check_float("q", q, ndim=4)
     check_float("k_cache", k_cache, ndim=4)
     check_float("v_cache", v_cache, ndim=4)
@@ -80,15 +60,24 @@ def _check(q, k_cache, v_cache, cache_seqlens, k, v) -> torch.device:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride()[-1] != 1:
             raise ValueError(f"{name} must have a contiguous last dim (it is updated in place)")
-    return device
+    reject_grad("kvcache_attention", q=q, k=k, v=v)
+    supported = supported_backends(KVCACHE_ATTENTION, backend, dtype, "tensors",
+                                   kernel_ok=head_dim <= KVCACHE_MAX_HEAD_DIM,
+                                   kernel_limit=(f"head dim {head_dim}", f"at most {KVCACHE_MAX_HEAD_DIM}"))
+    scale = (1.0 / math.sqrt(max(head_dim, 1)) if softmax_scale is None  # d = 0: an empty output, any scale
+             else check_finite("softmax_scale", softmax_scale))
+    args = (last_dim_contiguous(q), k_cache, v_cache, cache_seqlens.contiguous(),  # kernels read it as raw memory
+            last_dim_contiguous(k), last_dim_contiguous(v), scale, bool(causal))
+    return Prepared(args, device, supported)
 
 
-def _last_dim_contiguous(t):
-    return t if t is None or t.stride()[-1] == 1 else t.contiguous()
-
-
-_BACKENDS = tuple(_FORWARD)
-_KERNEL_BACKENDS = ("triton", "cuda")
+KVCACHE_ATTENTION = define_op(
+    "kvcache_attention", schema=SCHEMA, validate=_validate, fake=_fake, mutates_args=("k_cache", "v_cache"),
+    extension_traced=True,
+    backends={"torch": naive.kvcache_attention,
+              "cpu": extension_kernel("kvcache_attention"),
+              "cuda": extension_kernel("kvcache_attention"),
+              "triton": triton_kernel("kvcache.triton_kernels", "kvcache_attention")})
 
 
 def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -105,23 +94,4 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     Same float dtype everywhere (fp32/fp16/bf16; fp64 on torch/cpu); the caches need a contiguous last dim.
     Returns out [B, Sq, Hq, d] in q's dtype; a query that sees no key gets 0. Forward only.
     """
-    device = _check(q, k_cache, v_cache, cache_seqlens, k, v)
-    reject_grad("kvcache_attention", q=q, k=k, v=v)
-    dtype, head_dim = q.dtype, q.shape[3]
-    if dtype == torch.float64 and backend in _KERNEL_BACKENDS:
-        raise TypeError(f"backend {backend!r} takes float32/float16/bfloat16 tensors, got float64 "
-                        f"(the torch and cpu backends take float64)")
-    fits = head_dim <= KERNEL_MAX_HEAD_DIM
-    if backend in _KERNEL_BACKENDS and not fits:
-        raise ValueError(f"head dim {head_dim} is above {KERNEL_MAX_HEAD_DIM}, the limit of backend {backend!r}")
-    supported = supported_for_dtype(_BACKENDS if fits else ("torch", "cpu"), dtype)
-    backend = resolve_backend("kvcache_attention", backend, device, supported)
-    scale = (1.0 / math.sqrt(max(head_dim, 1)) if softmax_scale is None  # d = 0: an empty output, any scale
-             else check_finite("softmax_scale", softmax_scale))
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    cache_seqlens = cache_seqlens.contiguous()  # kernels read it as raw memory
-    if direct_call_ok(backend, q, k_cache, v_cache, cache_seqlens, k, v):
-        return _FORWARD[backend](q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
-    if backend in _EXTENSION_BACKENDS:  # traced (or under a dispatch mode) as the C++ op
-        return torch.ops.dpar_C.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal))
-    return _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, scale, bool(causal), backend)
+    return KVCACHE_ATTENTION(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, backend=backend)

@@ -11,27 +11,42 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _thresholds(threshold, batch: int, device: torch.device) -> torch.Tensor:
-    """threshold: float or [B] tensor -> float64 [B, 1]."""
+def thresholds(threshold, batch: int) -> torch.Tensor | float:
+    """A checked threshold: a float (TypeError for other scalars, ValueError for NaN), or a float [B] tensor
+    (ValueError unless it has B entries) returned as float64 [B] on its own device."""
     if isinstance(threshold, torch.Tensor):
         check_float("threshold", threshold, ndim=1)
         if threshold.shape[0] != batch:
             raise ValueError(f"threshold must have one entry per image (B={batch}), got {threshold.shape[0]}")
-        if threshold.device != device:
-            raise ValueError(f"threshold is on {threshold.device} but entropy is on {device}")
-        return threshold.to(torch.float64)[:, None]
+        return threshold.to(torch.float64)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a float or a [B] tensor, got {type(threshold).__name__}")
     if threshold != threshold:
         raise ValueError("threshold must not be NaN (an entropy is never above NaN: the patches would silently be "
                          "max_patch_size chunks)")
-    return torch.full((batch, 1), float(threshold), dtype=torch.float64, device=device)
+    return float(threshold)
+
+
+def next_patch_starts(t: int, previous_entropy: torch.Tensor | None, threshold, open_start: torch.Tensor,
+                      max_patch_size: int, row_width: int | None) -> torch.Tensor:
+    """bool [B]: token t starts a patch, one token at a time (the sampler's form of patch_starts' rules).
+
+    previous_entropy float [B]: H_{t-1} (None: no entropy rule, fixed-size patches); threshold: float or float64
+    [B]; open_start long [B]: the first token of each image's open patch."""
+    if t == 0 or (row_width is not None and t % row_width == 0):
+        return torch.ones_like(open_start, dtype=torch.bool)
+    full = t - open_start >= max_patch_size
+    return full if previous_entropy is None else (previous_entropy.double() > threshold) | full
 
 
 def patch_starts(entropy: torch.Tensor, threshold, max_patch_size: int, row_width: int | None) -> torch.Tensor:
     """bool [B, T]: True where a token starts a patch (the rules of SPEC "What DPAR is")."""
     batch, tokens = entropy.shape
-    thr = _thresholds(threshold, batch, entropy.device)
+    thr = thresholds(threshold, batch)
+    if isinstance(thr, torch.Tensor):
+        if thr.device != entropy.device:
+            raise ValueError(f"threshold is on {thr.device} but entropy is on {entropy.device}")
+        thr = thr[:, None]
     starts = torch.zeros(batch, tokens, dtype=torch.bool, device=entropy.device)
     starts[:, 0:1] = True
     starts[:, 1:] = entropy[:, :-1].to(torch.float64) > thr

@@ -1,5 +1,7 @@
-"""HostReadCounter: counts the calls that read tensor values back to the host (a device sync on a GPU); used by
-the tests (tests/test_host_reads.py, test_model_generation.py) and by benchmarks/bench_e2e.py.
+"""Test utilities for users and for this project's tests and benchmarks.
+
+HostReadCounter counts the calls that read tensor values back to the host (a device sync on a GPU): a hot path
+(a training step, a decode step) should make none.
 
     with HostReadCounter() as counter:
         model.loss(tokens, labels, patches).backward()
