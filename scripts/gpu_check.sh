@@ -8,7 +8,7 @@
 # summary is OUTDIR/gpu_check.md (one table of steps, then the benchmark table) and OUTDIR/gpu_check.json.
 # Exits 1 if any step failed or timed out.
 # --dry-run: the same steps on CPU (Triton interpreter, tiny shapes, a subset of the GPU tests); the build and
-# the sanitizer are skipped with a note. tests/test_gpu_check_script.py runs it so the script cannot rot.
+# the sanitizer are skipped with a note. tests/packaging/test_gpu_check_script.py runs it so the script cannot rot.
 # PYTHON selects the interpreter (default: python); DPAR_COMMIT names the commit where the tree has no .git.
 # Time limits (s; they sum to 480) can be changed with GPU_CHECK_<STEP>_S, e.g. GPU_CHECK_BUILD_S=300.
 set -uo pipefail
@@ -48,8 +48,8 @@ if [ $DRY = 1 ]; then
 'triton', triton.__version__, 'cuda available:', torch.cuda.is_available())"
   skip build "dry run (no GPU); the prebuilt extension is used"
   # a subset: each op once on the interpreter (fp32), one model training step
-  step pytest-gpu 200 pytest.log "$PY" -m pytest -m gpu -v -p no:cacheprovider -rfEs tests/test_gpu_kernels.py \
-    tests/test_gpu_model.py -k "triton and fp32 and (rows7 or ragged_d7 or sum-ragged_d64-contiguous or d32-causal \
+  step pytest-gpu 200 pytest.log "$PY" -m pytest -m gpu -v -p no:cacheprovider -rfEs tests/ops/test_gpu_kernels.py \
+    tests/model/test_gpu_model.py -k "triton and fp32 and (rows7 or ragged_d7 or sum-ragged_d64-contiguous or d32-causal \
 or only_empty or n5) or test_training_step_gpu and triton-entropy"
   skip compute-sanitizer "dry run (no GPU); the driver runs on the interpreter instead"
   step sanitizer-driver 120 sanitizer.log "$PY" scripts/gpu_sanitize.py --device cpu --backend triton --quick

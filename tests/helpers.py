@@ -1,9 +1,14 @@
 """Shared test utilities: tolerances per dtype, poisoned outputs, random ragged batches, backend lists."""
+import os
+
 import pytest
 import torch
 
 import dpar_kernels as dk
 from dpar_kernels import _dispatch, _extension
+
+TESTS = os.path.dirname(os.path.abspath(__file__))  # tests/: data/ and the layer folders
+ROOT = os.path.dirname(TESTS)  # the repository
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -46,6 +51,16 @@ def cu_from_lengths(lengths) -> torch.Tensor:
 
 
 # Tests of the C++ backend itself; the extension exists wherever a C++ compiler built it, and CI requires it
-# (DPAR_REQUIRE_EXTENSION=1 makes tests/test_build.py fail when the build failed).
+# (DPAR_REQUIRE_EXTENSION=1 makes tests/packaging/test_build.py fail when the build failed).
 requires_extension = pytest.mark.skipif(not _extension.HAS_CPU_OPS,
                                         reason="dpar_kernels._C was not built (no C++ compiler or a failed build)")
+
+
+# The GPU tests (tests/ops/test_gpu_kernels.py, tests/model/test_gpu_model.py): marked ``gpu`` (scripts/gpu_check.sh
+# runs them), skipped without CUDA; DPAR_GPU_TESTS_DEVICE=cpu is their CPU dry run (Triton interpreted).
+GPU_DEVICE = torch.device(os.environ.get("DPAR_GPU_TESTS_DEVICE", "cuda"))
+GPU_DRY_RUN = GPU_DEVICE.type == "cpu"
+GPU_BACKENDS = ("cuda", "triton")
+GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(GPU_DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                                 reason="needs a CUDA GPU"),
+             pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # numpy's log(0) notes in the dry run

@@ -1,6 +1,6 @@
 """The CUDA backend of dk.varlen_attention on a GPU, forward and backward, against the float64 torch reference.
 
-Skipped without a CUDA device and an extension built with CUDA kernels (tests/test_cuda_attention_host.py checks
+Skipped without a CUDA device and an extension built with CUDA kernels (tests/csrc/test_cuda_attention_host.py checks
 the same kernel code on the host). `check_against_reference` is backend-agnostic.
 """
 import pytest

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["train", "patchify", "sample", "evaluate", "demo", "ablate"]
 
 

@@ -2,7 +2,7 @@
 
 dk.set_default_backend (what DPAR_BACKEND sets at import) forces the backend of every dpar_kernels op the models
 call. Head dims are 32 (a kernel head dim), so the cuda/triton kernels run rather than the torch fallback. Marked
-``gpu``; DPAR_GPU_TESTS_DEVICE=cpu is the CPU dry run of tests/test_gpu_kernels.py (Triton interpreted, float32
+``gpu``; DPAR_GPU_TESTS_DEVICE=cpu is the CPU dry run of tests/ops/test_gpu_kernels.py (Triton interpreted, float32
 instead of bf16 autocast, the cuda backend skipped).
 """
 import contextlib
@@ -11,10 +11,12 @@ import math
 import pytest
 import torch
 from model_utils import random_batch
-from test_gpu_kernels import DEVICE, DRY_RUN, GPU_BACKENDS, pytestmark  # noqa: F401 (marks these tests too)
+from helpers import GPU_BACKENDS, GPU_DEVICE, GPU_DRY_RUN, GPU_MARKS
 
 import dpar
 
+DEVICE, DRY_RUN = GPU_DEVICE, GPU_DRY_RUN
+pytestmark = GPU_MARKS
 MODELS = ("entropy", "dpar", "baseline")
 
 

@@ -5,8 +5,9 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import ROOT as REPOSITORY
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(REPOSITORY)
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")
 SPILL = re.compile(r"(\d+) bytes spill (?:stores|loads)")

@@ -17,8 +17,8 @@ import torch
 from dpar.pipeline import checkpoint, evaluate, train
 from dpar.pipeline.safeguards import NonFiniteLossError
 from pipeline_helpers import TINY_OVERRIDES, train_args, write_random_dataset
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 

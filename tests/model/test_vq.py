@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from dpar.model.vq import VQ16_URL, VQConfig, VQTokenizer
+from helpers import TESTS
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llamagen_vq16_state_dict.txt")
+DATA = os.path.join(TESTS, "data", "llamagen_vq16_state_dict.txt")
 # the same five-level structure as VQ-16 (downsample 16), a few thousand parameters
 TINY = VQConfig(codebook_size=64, codebook_dim=4, base_channels=8, z_channels=8, norm_groups=4, usage_buffer=128)
 

@@ -15,11 +15,10 @@ calls the op with ``backend=backend`` inside ``poisoned()`` and compares with it
 """
 import contextlib
 import itertools
-import os
 
 import pytest
 import torch
-from helpers import assert_close, cu_from_lengths
+from helpers import GPU_BACKENDS, GPU_DEVICE, GPU_DRY_RUN, GPU_MARKS, assert_close, cu_from_lengths
 from test_attention_triton import _inputs as attention_inputs
 from test_attention_triton import _reference as attention_reference
 from test_entropy import reference as entropy_reference
@@ -28,19 +27,14 @@ from test_gather_scatter import REDUCTIONS, packed_tokens, reference_gather
 from test_kvcache import reference as kvcache_reference
 
 import dpar_kernels as dk
-from benchmarks import padded_ops
 from dpar_kernels import _dispatch
+from dpar_kernels.attention import naive as attention_naive
+from dpar_kernels.constants import ATTENTION_HEAD_DIMS as HEAD_DIMS
 from dpar_kernels.entropy import naive as entropy_naive
 
-DEVICE = torch.device(os.environ.get("DPAR_GPU_TESTS_DEVICE", "cuda"))
-DRY_RUN = DEVICE.type == "cpu"
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
-                                                  reason="needs a CUDA GPU"),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # numpy's log(0) notes in the dry run
-
-GPU_BACKENDS = ("cuda", "triton")
+DEVICE, DRY_RUN = GPU_DEVICE, GPU_DRY_RUN
+pytestmark = GPU_MARKS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
 def cases(**axes) -> list:
@@ -247,7 +241,7 @@ def test_attention_gpu_one_query_per_sequence(backend, dtype):
 @pytest.mark.parametrize("backend,dtype", backend_dtypes())
 def test_attention_gpu_more_sequences_than_a_grid_axis(backend, dtype):
     """70000 one-query sequences (> 65535, the limit of CUDA grid axes 1 and 2), as in a batch of 256 images;
-    the reference is the padded float64 SDPA of benchmarks/padded_ops.py (the per-sequence loop would be slow)."""
+    the reference is naive.py in float64 on the CPU."""
     lengths_k = torch.randint(1, 5, (sized(70_000, 50),), dtype=torch.int32)
     cu_q = cu_from_lengths(torch.ones_like(lengths_k)).to(DEVICE)
     cu_k = cu_from_lengths(lengths_k).to(DEVICE)
@@ -255,7 +249,8 @@ def test_attention_gpu_more_sequences_than_a_grid_axis(backend, dtype):
     k, v = (torch.randn(int(cu_k[-1]), 2, 64, device=DEVICE).to(dtype) for _ in range(2))
     with poisoned():
         out = dk.varlen_attention(q, k, v, cu_q, cu_k, 1, 4, causal=False, backend=backend)
-    expected = padded_ops.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, 1, 4, causal=False)
+    expected = attention_naive.varlen_attention(*(t.cpu().double() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), 1, 4,
+                                                1 / 8, False)[0]
     assert_close(out, expected, dtype)
 
 

@@ -4,7 +4,7 @@
 // barriers that switch fibers until every thread of the block/warp has arrived, warp shuffles go through a per-warp
 // exchange buffer, shared memory is a per-block buffer poisoned with NaN bytes, and wmma fragments are emulated by
 // 16x16 fp32 tiles distributed over the lanes (each lane computes and stores 8 elements). Built as a shared
-// library by tests/test_cuda_attention_host.py and called through ctypes with torch CPU tensors standing in for
+// library by tests/csrc/test_cuda_attention_host.py and called through ctypes with torch CPU tensors standing in for
 // device memory. Needs the CUDA headers (types and fp16/bf16 conversions only).
 #define DPAR_ATTENTION_HOST_EMULATION 1
 

@@ -1,10 +1,10 @@
 """Host-side checks of the CUDA attention kernels (no GPU needed).
 
 1. csrc/cuda/attention_tiles.h holds everything the kernels compute about which (query, key) tiles to visit and
-   where each tile lives in shared memory. tests/cuda_host/attention_tiles_check.cpp compares it against a
+   where each tile lives in shared memory. tests/csrc/cuda_host/attention_tiles_check.cpp compares it against a
    brute-force definition of bottom-right causal masking; it is built with nvcc (as CUDA, so the __host__ __device__
    path is the one compiled) and with the host C++ compiler, and run.
-2. tests/cuda_host/attention_emulation.cpp runs the kernels of csrc/cuda/attention_kernels.cuh themselves on the
+2. tests/csrc/cuda_host/attention_emulation.cpp runs the kernels of csrc/cuda/attention_kernels.cuh themselves on the
    host (fibers for threads, emulated wmma); their outputs and gradients are compared with naive.py in float64.
 """
 import ctypes
@@ -17,9 +17,9 @@ import torch
 from helpers import assert_close, cu_from_lengths
 
 from dpar_kernels.attention import naive
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "tests", "cuda_host", "attention_tiles_check.cpp")
+SOURCE = os.path.join(ROOT, "tests", "csrc", "cuda_host", "attention_tiles_check.cpp")
 HEADER = os.path.join(ROOT, "csrc", "cuda", "attention_tiles.h")
 
 
@@ -54,9 +54,9 @@ def test_header_is_torch_and_cuda_free():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The kernels themselves, run by the host emulation (tests/cuda_host/attention_emulation.cpp) against naive.py.
+# The kernels themselves, run by the host emulation (tests/csrc/cuda_host/attention_emulation.cpp) against naive.py.
 
-EMULATION = os.path.join(ROOT, "tests", "cuda_host", "attention_emulation.cpp")
+EMULATION = os.path.join(ROOT, "tests", "csrc", "cuda_host", "attention_emulation.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dpar::DType
 
 
@@ -73,7 +73,7 @@ def _cuda_include_dir():
 
 
 def build_emulation(tmp_path_factory, source: str, flags=("-std=c++17",)) -> ctypes.CDLL:
-    """Builds a host emulation source (tests/cuda_host) as a ctypes library (skips without a host compiler or the
+    """Builds a host emulation source (tests/csrc/cuda_host) as a ctypes library (skips without a host compiler or the
     CUDA headers)."""
     cxx = shutil.which("g++") or shutil.which("clang++")
     include = _cuda_include_dir()

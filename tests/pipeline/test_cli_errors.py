@@ -8,8 +8,8 @@ import pytest
 import dpar.__main__ as cli
 import dpar.pipeline.evaluate as evaluate_command
 import dpar_kernels as dk
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):

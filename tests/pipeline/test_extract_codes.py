@@ -51,7 +51,7 @@ def _files(out):
 
 
 def test_command_and_module_alias_help():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     for argv in (["-m", "dpar", "extract-codes", "--help"], ["-m", "dpar.extract_codes", "--help"]):
         result = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -148,6 +148,7 @@ def test_extract_codes_errors(real_path, tmp_path):
 
 EXTRACTOR_MODULE = '''
 import torch
+from helpers import ROOT
 
 
 def build(device):

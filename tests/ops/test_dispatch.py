@@ -8,9 +8,9 @@ import torch
 
 import dpar_kernels as dk
 from dpar_kernels import _dispatch, _extension
+from helpers import ROOT
 
 CPU = torch.device("cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_on_cpu_prefers_extension(default_backend):

@@ -1,4 +1,4 @@
-// Host-only checks of csrc/cuda/attention_tiles.h (built and run by tests/test_cuda_attention_host.py): the causal
+// Host-only checks of csrc/cuda/attention_tiles.h (built and run by tests/csrc/test_cuda_attention_host.py): the causal
 // index math against a brute-force definition, the tile loops' coverage, and the shared-memory plans.
 // Prints one line per failure and "all checks passed" on success.
 #include <cstdio>

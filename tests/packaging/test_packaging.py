@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import dpar_kernels as dk
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_COMPILER = """#!/bin/sh
 if [ "$1" = "--version" ]; then exec g++ --version; fi
 echo "fakecxx: error: this compiler refuses to compile" >&2

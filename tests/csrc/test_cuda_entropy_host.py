@@ -1,6 +1,6 @@
 """The CUDA token_entropy kernel (csrc/cuda/entropy.cu) run on the host against the float64 reference (no GPU).
 
-tests/cuda_host/entropy_emulation.cpp runs every thread of a block as an OS thread (barriers for __syncthreads,
+tests/csrc/cuda_host/entropy_emulation.cpp runs every thread of a block as an OS thread (barriers for __syncthreads,
 an exchange buffer for warp shuffles), so the kernel's own code, including its 16-byte vector loads, the scalar
 prologue that reaches alignment, the per-thread online state and the warp/block merges, is what is checked here.
 """
@@ -13,9 +13,9 @@ from helpers import assert_close
 from test_cuda_attention_host import build_emulation
 
 from dpar_kernels.entropy import naive
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATION = os.path.join(ROOT, "tests", "cuda_host", "entropy_emulation.cpp")
+EMULATION = os.path.join(ROOT, "tests", "csrc", "cuda_host", "entropy_emulation.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dpar::DType
 NAN, INF = float("nan"), float("inf")
 

@@ -3,7 +3,7 @@
 // Each thread block runs as kThreads OS threads: __syncthreads is a block barrier, warp shuffles go through a
 // double-buffered per-warp exchange with a warp barrier, and __shared__ arrays become function statics (blocks run
 // one after another, so a static is exactly one block's shared memory). Built as a shared library by
-// tests/test_cuda_entropy_host.py and called through ctypes with torch CPU tensors standing in for device memory.
+// tests/csrc/test_cuda_entropy_host.py and called through ctypes with torch CPU tensors standing in for device memory.
 // Needs the CUDA headers (types and fp16/bf16 conversions only).
 #define DPAR_ENTROPY_HOST_EMULATION 1
 

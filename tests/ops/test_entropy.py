@@ -10,7 +10,7 @@ import torch
 import dpar_kernels as dk
 from dpar_kernels import _dispatch, _extension
 from dpar_kernels.entropy import naive
-from helpers import assert_close, cpu_backends
+from helpers import ROOT, assert_close, cpu_backends
 
 BACKENDS = cpu_backends()  # torch, cpu (extension built), triton (interpreter)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's exp(-inf) notes in the interpreter
@@ -295,7 +295,7 @@ print("compiled")
 def test_triton_kernels_compile_for_gpus(arch, tmp_path):
     """Compiles the Triton kernels to sm_80/sm_90 cubins (no GPU needed), outside the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     result = subprocess.run([sys.executable, "-c", _TRITON_GPU_COMPILE, str(arch)], capture_output=True, text=True,
                             env=env, cwd=root, timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]

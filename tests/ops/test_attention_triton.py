@@ -17,6 +17,7 @@ import torch
 import dpar_kernels as dk
 from dpar_kernels.attention import naive
 from helpers import TOLERANCE, assert_close, cu_from_lengths, rel_error, triton_on_cpu
+from helpers import ROOT
 
 pytestmark = pytest.mark.skipif(not triton_on_cpu(),
                                 reason="triton is not installed, or a GPU is present so the interpreter is off")
@@ -266,7 +267,7 @@ def _has_nvidia_compiler() -> bool:
 def test_kernels_compile_for_gpu_archs(flags):
     """What the interpreter cannot see: GPU compile errors, bf16 lowering, register spills of the tile table on an
     H100 (as specialised at launch) and its shared memory on the 99 KB archs (sm_86/sm_89)."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "triton_attention_ptxas.py"
+    script = Path(ROOT) / "scripts" / "triton_attention_ptxas.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(script), "--quick", *flags], capture_output=True, text=True,
                             env=env, timeout=600)
