@@ -26,23 +26,36 @@ def _load(path: str) -> dict:
         return {}
 
 
-_TABLE = {"choices": _load(TABLE_PATH).get("choices", {})}
+_TABLE = {"choices": _load(TABLE_PATH).get("choices", {}), "version": 0}
 
 
 def cpu_isa() -> str:
     """The ISA path the C++ CPU kernels run ("avx512", "avx2" or "default"); "none" without the extension."""
-    return _extension.cpu_isa() if _extension.HAS_CPU_OPS else "none"
+    if not _extension.HAS_CPU_OPS:
+        return "none"
+    if hasattr(_extension, "cpu_isa"):
+        return _extension.cpu_isa()
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()  # TEMP until merge
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "default"
 
 
 def cpu_kernel_preferred(op: str, shape_class: str) -> bool:
-    """True when the table says the C++ kernel of ``op`` beat the torch backend for ``shape_class`` on this ISA."""
-    entry = _TABLE["choices"].get(cpu_isa(), {}).get(f"{op}/{shape_class}")
+    """True when the table says the C++ kernel of ``op`` beat the torch backend for ``shape_class`` on this ISA
+    (the entry "op/shape_class", else "op/*", else "*")."""
+    entries = _TABLE["choices"].get(cpu_isa(), {})
+    entry = entries.get(f"{op}/{shape_class}") or entries.get(f"{op}/*") or entries.get("*")
     return entry is not None and entry.get("backend") == "cpu"
 
 
 def set_table(choices: dict) -> None:
-    """Replaces the choices in force (tests; the benchmark command after a measurement)."""
+    """Replaces the choices in force (tests; the benchmark command while it measures)."""
     _TABLE["choices"] = choices
+    _TABLE["version"] += 1
+
+
+def version() -> int:
+    """Changes whenever the choices change (the backend resolution cache keys on it)."""
+    return _TABLE["version"]
 
 
 def table() -> dict:

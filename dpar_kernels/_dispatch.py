@@ -1,7 +1,8 @@
 """Backend selection shared by every op.
 
 ``backend=None`` picks the best available implementation for the tensor's device: "cuda" then "triton" then
-"torch" on CUDA tensors ("triton" first for varlen_attention), "cpu" then "torch" on CPU tensors. The environment
+"torch" on CUDA tensors ("triton" first for varlen_attention), on CPU tensors "cpu" where it was measured faster
+than "torch" for this ISA path and shape class (_cpu_choice), else "torch". The environment
 variable DPAR_BACKEND sets the default, read once when dpar_kernels is imported (as TRITON_INTERPRET is, by Triton
 too); ``set_default_backend`` changes it at run time. A forced backend (argument or default) that cannot run raises
 BackendUnavailableError naming why. Resolutions are cached per (op, request, device, supported backends), so an
@@ -13,7 +14,7 @@ import os
 
 import torch
 
-from . import _extension
+from . import _cpu_choice, _extension
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -76,25 +77,26 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def resolve_backend(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...], *,
-                    strict_default: bool = True) -> str:
+                    strict_default: bool = True, shape_class: str = "") -> str:
     """Returns the backend name that ``op`` will run with on ``device``.
 
     requested: None, or one of BACKENDS. supported: the backends ``op`` can run on these inputs.
     strict_default: when False, a process default (DPAR_BACKEND / set_default_backend) that cannot run here is
-    ignored (the automatic choice applies) instead of raising.
+    ignored (the automatic choice applies) instead of raising. shape_class: the call's class for the measured CPU
+    choice (an automatic choice on CPU tensors takes the C++ kernel only where _cpu_choice says it is faster).
     """
     if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
-        return _resolve(op, requested, device, supported, strict_default)
-    key = (op, requested, device, supported, strict_default, _default["backend"], HAS_TRITON, TRITON_INTERPRETER,
-           _extension.HAS_CPU_OPS, _extension.HAS_CUDA_OPS)
+        return _resolve(op, requested, device, supported, strict_default, shape_class)
+    key = (op, requested, device, supported, strict_default, shape_class, _default["backend"], HAS_TRITON,
+           TRITON_INTERPRETER, _extension.HAS_CPU_OPS, _extension.HAS_CUDA_OPS, _cpu_choice.version())
     backend = _resolved.get(key)
     if backend is None:
-        backend = _resolved[key] = _resolve(op, requested, device, supported, strict_default)
+        backend = _resolved[key] = _resolve(op, requested, device, supported, strict_default, shape_class)
     return backend
 
 
 def _resolve(op: str, requested: str | None, device: torch.device, supported: tuple[str, ...],
-             strict_default: bool = True) -> str:
+             strict_default: bool = True, shape_class: str = "") -> str:
     forced = requested if requested is not None else _default["backend"]
     if (requested is None and forced is not None and not strict_default
             and (forced not in supported or _why_unavailable(forced, device) is not None)):
@@ -110,6 +112,8 @@ def _resolve(op: str, requested: str | None, device: torch.device, supported: tu
             raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
         return forced
     for candidate in _OP_PREFERENCE.get((op, device.type)) or _PREFERENCE.get(device.type, ("torch",)):
+        if candidate == "cpu" and not _cpu_choice.cpu_kernel_preferred(op, shape_class):
+            continue  # not measured faster than the torch backend on this ISA path and shape class
         if candidate in supported and _why_unavailable(candidate, device) is None:
             return candidate
     return "torch"

@@ -34,11 +34,14 @@ class Prepared(NamedTuple):
     """What an op's ``validate`` returns.
 
     args: the kernel arguments in schema order (without the backend). device: where they live. supported: the
-    backends that can take these arguments (dtype, head dim, ...), in the op's table order.
+    backends that can take these arguments (dtype, head dim, ...), in the op's table order. shape_class: the
+    class of the call (e.g. "short"/"long" sequences, "train" when a gradient is needed) under which the measured
+    CPU choice (_cpu_choice) looks the op up.
     """
     args: tuple
     device: torch.device
     supported: tuple[str, ...]
+    shape_class: str = ""
 
 
 def extension_kernel(name: str) -> Callable:
@@ -147,7 +150,7 @@ class Op:
             args = _autocast_args(args)
         prepared = self.validate(*args, backend=backend)
         chosen = resolve_backend(self.name, backend, prepared.device, prepared.supported,
-                                 strict_default=self.strict_default)
+                                 strict_default=self.strict_default, shape_class=prepared.shape_class)
         return self.run(chosen, prepared.args)
 
     def run(self, backend: str, args: tuple):

@@ -12,6 +12,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_kernels_by_default():
+    """backend=None runs the C++ kernels on CPU tensors in the tests, whatever this machine's measured choice
+    (dpar_kernels/cpu_choice.json) says, so every test exercises them; tests/ops/test_cpu_choice.py tests the
+    choice itself."""
+    from dpar_kernels import _cpu_choice
+
+    shipped = _cpu_choice.table()
+    _cpu_choice.set_table({_cpu_choice.cpu_isa(): {"*": {"backend": "cpu"}}})
+    yield
+    _cpu_choice.set_table(shipped)
+
+
+@pytest.fixture
+def cpu_choice():
+    """_cpu_choice.set_table for one test; the tests' all-cpu table comes back after."""
+    from dpar_kernels import _cpu_choice
+
+    previous = _cpu_choice.table()
+    yield _cpu_choice.set_table
+    _cpu_choice.set_table(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kerne
 from ..constants import ATTENTION_HEAD_DIMS
 from . import naive
 
+SHORT_QUERIES = 16  # sequences of at most this many queries (patch cross-attention, decode) form the "short" class
+
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
           "SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)")
 BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
@@ -116,7 +118,9 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     args = (q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
             launch_length(longest_q, max_seqlen_q, q.shape[0]), launch_length(longest_k, max_seqlen_k, k.shape[0]),
             scale, bool(causal))
-    return Prepared(args, device, supported)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    shape_class = ("train-" if grad else "") + ("short" if args[5] <= SHORT_QUERIES else "long")
+    return Prepared(args, device, supported, shape_class)
 
 
 VARLEN_ATTENTION = define_op(

@@ -3,7 +3,10 @@ import torch
 
 from .._checks import check_float, check_same_device, check_temperature, last_dim_contiguous, supported_backends
 from .._ops import Prepared, define_op, extension_kernel, reject_grad, triton_kernel
+from ..constants import LINEAR_MAX_ROWS
 from . import cpu_linear, naive
+
+SMALL_LOGITS = 1 << 16  # token_entropy calls of at most this many logits (a decode step) form the "small" class
 
 
 def _float32(kernel):
@@ -23,7 +26,8 @@ def _token_entropy_validate(logits, temperature, *, backend) -> Prepared:
     reject_grad("token_entropy", logits=logits)
     rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
     supported = supported_backends(TOKEN_ENTROPY, backend, logits.dtype, "logits")
-    return Prepared((last_dim_contiguous(rows), temperature), logits.device, supported)
+    shape_class = "small" if logits.numel() <= SMALL_LOGITS else "large"
+    return Prepared((last_dim_contiguous(rows), temperature), logits.device, supported, shape_class)
 
 
 TOKEN_ENTROPY = define_op(
@@ -55,7 +59,7 @@ def _linear_entropy_validate(hidden, weight, bias, temperature, *, backend) -> P
     supported = supported_backends(LINEAR_ENTROPY, backend, hidden.dtype, "hidden, weight, bias")
     # The kernels read rows of hidden and weight and the bias with unit stride; other layouts are copied once.
     args = (last_dim_contiguous(hidden), last_dim_contiguous(weight), last_dim_contiguous(bias), temperature)
-    return Prepared(args, device, supported)
+    return Prepared(args, device, supported, "decode" if hidden.shape[0] <= LINEAR_MAX_ROWS else "large")
 
 
 LINEAR_ENTROPY = define_op(

@@ -11,6 +11,11 @@ from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kerne
 from . import naive
 
 REDUCTIONS = ("max", "sum", "mean")
+SMALL_ROWS = 1 << 14  # calls with at most this many elements (a decode step) form the "small" class
+
+
+def _shape_class(x: torch.Tensor, grad: bool) -> str:
+    return "train" if grad else ("small" if x.numel() <= SMALL_ROWS else "large")
 
 
 def _gather_fake(x, cu_tokens, reduce, with_argmax):
@@ -60,7 +65,8 @@ def _gather_validate(x, cu_tokens, reduce, *, backend) -> Prepared:
     check_cu_seqlens("cu_tokens", cu_tokens, x.shape[0], x.device)
     with_argmax = reduce == "max" and x.requires_grad and torch.is_grad_enabled()  # the backward's routing
     args = (last_dim_contiguous(x), cu_tokens.contiguous(), reduce, with_argmax)  # kernels read offsets as raw memory
-    return Prepared(args, x.device, supported_backends(PATCH_GATHER, backend, x.dtype, "x"))
+    return Prepared(args, x.device, supported_backends(PATCH_GATHER, backend, x.dtype, "x"),
+                    _shape_class(x, with_argmax or (x.requires_grad and torch.is_grad_enabled())))
 
 
 PATCH_GATHER = define_op(
@@ -98,7 +104,8 @@ def _scatter_validate(y, cu_tokens, total_tokens, *, backend) -> Prepared:
     total_tokens = check_index("total_tokens", total_tokens)
     check_cu_seqlens("cu_tokens", cu_tokens, total_tokens, y.device)
     args = (last_dim_contiguous(y), cu_tokens.contiguous(), total_tokens)
-    return Prepared(args, y.device, supported_backends(PATCH_SCATTER, backend, y.dtype, "y"))
+    return Prepared(args, y.device, supported_backends(PATCH_SCATTER, backend, y.dtype, "y"),
+                    _shape_class(y, y.requires_grad and torch.is_grad_enabled()))
 
 
 PATCH_SCATTER = define_op(

@@ -68,7 +68,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, *
              else check_finite("softmax_scale", softmax_scale))
     args = (last_dim_contiguous(q), k_cache, v_cache, cache_seqlens.contiguous(),  # kernels read it as raw memory
             last_dim_contiguous(k), last_dim_contiguous(v), scale, bool(causal))
-    return Prepared(args, device, supported)
+    return Prepared(args, device, supported, "decode")
 
 
 KVCACHE_ATTENTION = define_op(

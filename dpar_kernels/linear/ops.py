@@ -40,7 +40,9 @@ def _validate(x, weight, bias, *, backend) -> Prepared:
         raise TypeError("linear: x and weight must be tensors")
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"linear: backend must be one of {_BACKENDS} or None, got {backend!r}")
-    return Prepared((x, weight, bias), x.device, _BACKENDS if _kernel_takes(x, weight, bias) else ("torch",))
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    return Prepared((x, weight, bias), x.device, _BACKENDS if _kernel_takes(x, weight, bias) else ("torch",),
+                    "1-row" if rows == 1 else "rows")
 
 
 LINEAR = define_op(

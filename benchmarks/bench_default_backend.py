@@ -1,0 +1,25 @@
+"""The default backend is never slower than torch: for every op and shape class of benchmarks/cpu_choice.py,
+backend=None (which follows dpar_kernels/cpu_choice.json on this ISA path) against the torch backend, interleaved in
+one run, best of the rounds. Fails below MIN_RATIO (noise margin); CI runs it in quick mode."""
+import os
+
+import pytest
+import torch
+
+from benchmarks.cpu_choice import best_times, workloads
+from benchmarks.reporting import record
+
+QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
+MIN_RATIO = 0.8
+GROUP = "default backend vs torch backend"
+
+
+@pytest.mark.parametrize("key", sorted(workloads(QUICK)))
+def test_default_is_not_slower_than_torch(benchmark, key):
+    torch.manual_seed(0)
+    run = workloads(QUICK)[key]()
+    best = best_times(run, 3 if QUICK else 7, backends=(None, "torch"))
+    ratio = best["torch"] / best[None]
+    record(benchmark, GROUP, key, ratio_to_torch=ratio)
+    benchmark.pedantic(run, args=(None,), rounds=3 if QUICK else 10, warmup_rounds=1)
+    assert ratio >= MIN_RATIO, f"{key}: backend=None is {ratio:.2f}x the torch backend (below {MIN_RATIO})"
