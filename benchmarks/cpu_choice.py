@@ -199,8 +199,8 @@ def main(argv=None) -> None:
     choices = data.setdefault("choices", {}).setdefault(info["isa"], {})
     for key, entry in entries.items():
         choices[key] = {"backend": entry["backend"], "ratio": entry["ratio"], **stamp}
-    data["about"] = ("backend=None on CPU tensors per ISA path and op/shape class: 'cpu' where the C++ kernel was "
-                     "measured >= %.2fx the torch backend; written by python -m benchmarks.cpu_choice --write" % MARGIN)
+    data["about"] = (f"backend=None on CPU tensors per ISA path and op/shape class: 'cpu' where the C++ kernel was "
+                     f"measured >= {MARGIN:.2f}x the torch backend; written by python -m benchmarks.cpu_choice --write")
     with open(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")

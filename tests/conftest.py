@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 # Triton picks the interpreter when a kernel is defined, so it must be on before dpar_kernels' Triton modules load.
 # With it on, backend="triton" runs on CPU tensors; backend=None still never picks triton for CPU tensors.
-# On a machine with a GPU the Triton kernels compile for real (set TRITON_INTERPRET=1 yourself to force the interpreter).
+# On a machine with a GPU the Triton kernels compile for real (TRITON_INTERPRET=1 set by hand forces the interpreter).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -117,9 +117,8 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dv = torch.zeros(v.shape, dtype=compute, device=q.device)
     group_size = q.shape[1] // max(k.shape[1], 1)
     for g in _groups(q, k, cu_seqlens_q, cu_seqlens_k, causal):
-        pad_q = lambda t: _pad(t.to(compute), g.index_q, g.valid_q)  # noqa: E731
-        pad_k = lambda t: _pad(t.to(compute), g.index_k, g.valid_k)  # noqa: E731
-        qp, doutp, outp, kp, vp = pad_q(q), pad_q(dout), pad_q(out), pad_k(k), pad_k(v)
+        qp, doutp, outp = (_pad(t.to(compute), g.index_q, g.valid_q) for t in (q, dout, out))
+        kp, vp = (_pad(t.to(compute), g.index_k, g.valid_k) for t in (k, v))
         lsep = _pad(lse.T.to(compute)[:, :, None], g.index_q, g.valid_q)[..., 0].transpose(1, 2)  # [n, Hq, Lq]
         lsep = torch.where(g.valid_q[:, None, :], lsep, torch.full_like(lsep, float("-inf")))
         scores = _scores(qp, kp, g.allowed, softmax_scale)

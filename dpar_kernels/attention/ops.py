@@ -7,8 +7,17 @@ import math
 
 import torch
 
-from .._checks import (check_cu_seqlens, check_finite, check_float, check_index, check_same_device, check_tensor,
-                       launch_length, last_dim_contiguous, supported_backends)
+from .._checks import (
+    check_cu_seqlens,
+    check_finite,
+    check_float,
+    check_index,
+    check_same_device,
+    check_tensor,
+    last_dim_contiguous,
+    launch_length,
+    supported_backends,
+)
 from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kernel
 from ..constants import ATTENTION_HEAD_DIMS
 from . import naive

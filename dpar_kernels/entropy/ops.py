@@ -94,7 +94,7 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     hidden [N, D], weight [V, D], bias [V] or None, same float dtype and device. Returns float32 [N].
     The CPU paths chunk over N and V with torch.matmul and merge vocabulary chunks with an online recurrence;
     on GPU a Triton kernel fuses the matmul tile with the entropy update. Forward only. Edge values and temperature
-    checks as token_entropy (NaN rows give NaN; temperature finite, > 0, clamped to [1e-20, 1e20]). Under torch.autocast,
-    hidden, weight and bias run in the autocast dtype (the entropy still accumulates in fp32).
+    checks as token_entropy (NaN rows give NaN; temperature finite, > 0, clamped to [1e-20, 1e20]). Under
+    torch.autocast, hidden, weight and bias run in the autocast dtype (the entropy still accumulates in fp32).
     """
     return LINEAR_ENTROPY(hidden, weight, bias, temperature, backend=backend)

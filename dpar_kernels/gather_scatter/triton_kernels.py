@@ -54,7 +54,7 @@ def _gather_kernel(x_ptr, cu_ptr, out_ptr, argmax_ptr, cols, total, x_row_stride
             tl.store(argmax_ptr + out_row + offs, arg, mask=mask)
     else:
         acc = tl.zeros([BLOCK_D], acc_dtype)
-        for t in range(start, stop):
+        for _ in range(start, stop):
             acc += tl.load(x_row, mask=mask, other=0.0).to(acc_dtype)
             x_row += x_row_stride
         if REDUCE == 2:

@@ -2,15 +2,21 @@
 
 A mutating op (k_cache and v_cache, when new keys are given), forward only. The cpu and cuda backends trace as the
 C++ op torch.ops.dpar_C.kvcache_attention itself inside torch.compile graphs (extension_traced: no Python work per
-call in a compiled decode step); the torch and triton backends run as the Python custom op dpar::kvcache_attention. No backend reads cache_seqlens on the host; every
-kernel clamps it (see naive.py for the exact semantics).
+call in a compiled decode step); the torch and triton backends run as the Python custom op dpar::kvcache_attention.
+No backend reads cache_seqlens on the host; every kernel clamps it (see naive.py for the exact semantics).
 """
 import math
 
 import torch
 
-from .._checks import (check_finite, check_float, check_same_device, check_tensor, last_dim_contiguous,
-                       supported_backends)
+from .._checks import (
+    check_finite,
+    check_float,
+    check_same_device,
+    check_tensor,
+    last_dim_contiguous,
+    supported_backends,
+)
 from .._ops import Prepared, define_op, extension_kernel, reject_grad, triton_kernel
 from ..constants import KVCACHE_MAX_HEAD_DIM
 from . import naive

@@ -1,10 +1,11 @@
 """Drop-in for torch.nn.functional.linear with a faster CPU kernel at decode shapes (few rows).
 
 At decode time a linear layer multiplies a few rows (the batch) by a weight matrix that is not in cache; BLAS
-streams it slowly there, and the C++ op dpar_C::linear (csrc/cpu/linear.cpp) reads it faster
-(benchmarks/RESULTS.md, "Decode-shape linear layers"). The kernel runs for float32 CPU tensors with up to 32 rows when no gradient and no
-autocast is involved; everything else, and every other device, is torch.nn.functional.linear itself, so the result
-always matches F.linear to float32 rounding. Inside torch.compile graphs the kernel is the C++ op (its fake is
+streams it slowly there, and the C++ op dpar_C::linear (csrc/cpu/linear.cpp) can read it faster (measured per ISA
+path: benchmarks/RESULTS.md; backend=None takes it only where dpar_kernels/cpu_choice.json says it won). The kernel
+runs for float32 CPU tensors with up to LINEAR_MAX_ROWS rows when no gradient and no autocast is involved; everything
+else, and every other device, is torch.nn.functional.linear itself, so the result always matches F.linear to
+float32 rounding. Inside torch.compile graphs the kernel is the C++ op (its fake is
 registered here), so compiled and eager runs compute the same numbers.
 """
 import math
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from .._ops import Prepared, define_op, extension_kernel
-from ..constants import LINEAR_MAX_ROWS
 
 _BACKENDS = ("torch", "cpu")
 

@@ -14,10 +14,9 @@ import subprocess
 
 import pytest
 import torch
-from helpers import assert_close, cu_from_lengths
+from helpers import ROOT, assert_close, cu_from_lengths
 
 from dpar_kernels.attention import naive
-from helpers import ROOT
 
 SOURCE = os.path.join(ROOT, "tests", "csrc", "cuda_host", "attention_tiles_check.cpp")
 HEADER = os.path.join(ROOT, "csrc", "cuda", "attention_tiles.h")

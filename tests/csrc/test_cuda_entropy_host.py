@@ -9,11 +9,10 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import ROOT, assert_close
 from test_cuda_attention_host import build_emulation
 
 from dpar_kernels.entropy import naive
-from helpers import ROOT
 
 EMULATION = os.path.join(ROOT, "tests", "csrc", "cuda_host", "entropy_emulation.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dpar::DType

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from model_utils import random_batch
 from helpers import GPU_BACKENDS, GPU_DEVICE, GPU_DRY_RUN, GPU_MARKS
+from model_utils import random_batch
 
 import dpar
 

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 from helpers import cpu_backends, cu_from_lengths
-from dpar_kernels.testing import HostReadCounter
 from model_utils import random_batch, single_thread, tiny_models  # noqa: F401
 
 import dpar_kernels as dk
+from dpar_kernels.testing import HostReadCounter
 
 
 def _step(kind, model, tokens, labels, patches):

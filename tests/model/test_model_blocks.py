@@ -1,11 +1,11 @@
 """Building blocks: axial RoPE is relative per axis, the KV cache equals packed causal attention."""
 import torch
+from helpers import assert_close
 from model_utils import single_thread  # noqa: F401
 
 import dpar_kernels as dk
 from dpar.model.blocks import AxialRope, apply_rope
 from dpar.model.kv_cache import KVCache
-from helpers import assert_close
 
 
 def test_axial_rope_depends_only_on_position_differences():

@@ -4,13 +4,13 @@ import functools
 import pytest
 import torch
 import torch._dynamo
-from dpar_kernels.testing import HostReadCounter
 from model_utils import single_thread, tiny_models  # noqa: F401
 from torch.overrides import _pop_mode_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 
 import dpar
 from dpar.model import full_recompute, generation
+from dpar_kernels.testing import HostReadCounter
 
 
 def _per_image(patches) -> list[list[int]]:

@@ -1,8 +1,7 @@
 """Packing invariance: an image's loss and logits do not depend on which images share its batch."""
 import torch
-from model_utils import patch_batch, random_batch, single_thread, tiny_models  # noqa: F401
-
 from helpers import assert_close
+from model_utils import patch_batch, random_batch, single_thread, tiny_models  # noqa: F401
 
 
 def test_dpar_and_baseline_logits_do_not_depend_on_batch_neighbours():

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TESTS
 
 from dpar.model.vq import VQ16_URL, VQConfig, VQTokenizer
-from helpers import TESTS
 
 DATA = os.path.join(TESTS, "data", "llamagen_vq16_state_dict.txt")
 # the same five-level structure as VQ-16 (downsample 16), a few thousand parameters

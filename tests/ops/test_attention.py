@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import TOLERANCE, assert_close, cpu_backends, cu_from_lengths, rel_error, requires_extension
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import dpar_kernels as dk
-from helpers import TOLERANCE, assert_close, cpu_backends, cu_from_lengths, rel_error, requires_extension
 
 BACKENDS = [b for b in ("torch", "cpu") if b in cpu_backends()]
 LOW_PRECISION = (torch.float16, torch.bfloat16)

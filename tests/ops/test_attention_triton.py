@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TOLERANCE, assert_close, cu_from_lengths, rel_error, triton_on_cpu
 
 import dpar_kernels as dk
 from dpar_kernels.attention import naive
-from helpers import TOLERANCE, assert_close, cu_from_lengths, rel_error, triton_on_cpu
-from helpers import ROOT
 
 pytestmark = pytest.mark.skipif(not triton_on_cpu(),
                                 reason="triton is not installed, or a GPU is present so the interpreter is off")

@@ -73,7 +73,7 @@ def test_linear_entropy_casts_mixed_inputs_under_autocast():
         dk.linear_entropy(hidden, weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         entropy = dk.linear_entropy(hidden, weight)
-    expected = dk.token_entropy((hidden.double() @ weight.bfloat16().double().T))
+    expected = dk.token_entropy(hidden.double() @ weight.bfloat16().double().T)
     assert entropy.dtype == torch.float32
     torch.testing.assert_close(entropy, expected, atol=1e-2, rtol=1e-2)
 
@@ -88,9 +88,10 @@ def test_float64_is_left_alone_under_autocast():
 @pytest.mark.parametrize("kind", ["entropy", "dpar", "baseline"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_train_runs_at_every_precision(tmp_path, kind, precision):
+    from pipeline_helpers import train_args, write_random_dataset
+
     from dpar.pipeline import train
     from dpar.pipeline.patchify import PatchTable
-    from pipeline_helpers import train_args, write_random_dataset
 
     write_random_dataset(tmp_path / "data", count=8)
     extra = []
@@ -106,8 +107,9 @@ def test_train_runs_at_every_precision(tmp_path, kind, precision):
 
 def test_dpar_with_on_the_fly_patches_trains_under_bf16(tmp_path):
     """The entropy model cutting the patches runs under the same autocast as the step."""
-    from dpar.pipeline import train
     from pipeline_helpers import train_args, write_random_dataset
+
+    from dpar.pipeline import train
 
     write_random_dataset(tmp_path / "data", count=8)
     common = ["--data", tmp_path / "data", "--steps", 1, "--batch-size", 4, "--precision", "bf16"]
@@ -120,8 +122,9 @@ def test_dpar_with_on_the_fly_patches_trains_under_bf16(tmp_path):
 def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
     """The GradScaler state is checkpointed: with a scale so large that every step overflows (skipped, scale
     halved), a resumed run goes on halving from the saved scale instead of restarting from the initial one."""
-    from dpar.pipeline import train
     from pipeline_helpers import train_args, write_random_dataset
+
+    from dpar.pipeline import train
 
     def overflowing(precision, device):
         autocast, _ = precision_context(precision, device)

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT
 
 import dpar_kernels as dk
 from dpar_kernels import _dispatch, _extension
-from helpers import ROOT
 
 CPU = torch.device("cpu")
 

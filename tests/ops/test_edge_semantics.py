@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_backends
 
 import dpar_kernels as dk
-from helpers import cpu_backends
 
 BACKENDS = cpu_backends()
 NAN = float("nan")

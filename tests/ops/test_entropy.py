@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, assert_close, cpu_backends
 
 import dpar_kernels as dk
 from dpar_kernels import _dispatch, _extension
 from dpar_kernels.entropy import naive
-from helpers import ROOT, assert_close, cpu_backends
 
 BACKENDS = cpu_backends()  # torch, cpu (extension built), triton (interpreter)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's exp(-inf) notes in the interpreter

@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
+from helpers import ROOT
+from pipeline_helpers import TINY_OVERRIDES, train_args, write_random_dataset
 
 from dpar.pipeline import checkpoint, evaluate, train
 from dpar.pipeline.safeguards import NonFiniteLossError
-from pipeline_helpers import TINY_OVERRIDES, train_args, write_random_dataset
-from helpers import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
@@ -214,7 +214,8 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, datase
     out = tmp_path / "run"
     train.train(train_args(_common(dataset, out, 2)))
     write_random_dataset(tmp_path / "other", count=16, seed=1)
-    with pytest.raises(ValueError, match=r"(?s)--allow-changed.*--grad-clip: 1.0 .* 0.5 now.*--lr: 0.0001 .* 0.001 now"):
+    changed = r"(?s)--allow-changed.*--grad-clip: 1.0 .* 0.5 now.*--lr: 0.0001 .* 0.001 now"
+    with pytest.raises(ValueError, match=changed):
         train.train(train_args(_common(dataset, out, 4, "--resume", "--lr", 1e-3, "--grad-clip", 0.5)))
     with pytest.raises(ValueError, match=r"--data: .*data' in .*other' now"):
         train.train(train_args(_common(tmp_path / "other", out, 4, "--resume")))

@@ -3,10 +3,10 @@ import contextlib
 
 import pytest
 import torch
+from helpers import assert_close, cpu_backends, cu_from_lengths, requires_extension
 
 import dpar_kernels as dk
 from dpar_kernels.gather_scatter import naive
-from helpers import assert_close, cpu_backends, cu_from_lengths, requires_extension
 
 BACKENDS = cpu_backends()
 REDUCTIONS = ("max", "sum", "mean")

@@ -197,8 +197,8 @@ def check_attention(backend, lengths_q, lengths_k, *, hq, hk, d, dtype, causal, 
     q_gpu, k_gpu, v_gpu = (on_device(t, requires_grad=True) for t in (q, k, v))
     dout = torch.randn(q.shape).to(dtype)
     with poisoned():
-        out, lse = dk.varlen_attention(q_gpu, k_gpu, v_gpu, cu_q.to(DEVICE), cu_k.to(DEVICE), max_q, max_k, causal=causal,
-                                       backend=backend, return_lse=True)
+        out, lse = dk.varlen_attention(q_gpu, k_gpu, v_gpu, cu_q.to(DEVICE), cu_k.to(DEVICE), max_q, max_k,
+                                       causal=causal, backend=backend, return_lse=True)
         grads = torch.autograd.grad(out, (q_gpu, k_gpu, v_gpu), on_device(dout))
     ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, cu_q, cu_k, max_q, max_k, causal)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, q.shape[0])

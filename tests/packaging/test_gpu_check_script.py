@@ -10,7 +10,6 @@ import pytest
 from helpers import ROOT
 
 
-
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
 def test_dry_run_writes_the_summary(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT}

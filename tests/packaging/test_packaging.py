@@ -9,15 +9,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 import zipfile
 from importlib.metadata import metadata
 
 import pytest
+import tomllib
 import torch
+from helpers import ROOT
 
 import dpar_kernels as dk
-from helpers import ROOT
 
 FAKE_COMPILER = """#!/bin/sh
 if [ "$1" = "--version" ]; then exec g++ --version; fi

@@ -1,15 +1,13 @@
 """The CLI's surface: --version, defaults in every --help, user errors as one `error:` line with exit code 2."""
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 import dpar.__main__ as cli
 import dpar.pipeline.evaluate as evaluate_command
 import dpar_kernels as dk
-from helpers import ROOT
-
 
 
 def _run(*args):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 
 from dpar.__main__ import main as dpar_main
@@ -148,7 +149,6 @@ def test_extract_codes_errors(real_path, tmp_path):
 
 EXTRACTOR_MODULE = '''
 import torch
-from helpers import ROOT
 
 
 def build(device):

@@ -32,7 +32,8 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
     for index in saved["state"]:
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(torch.as_tensor(saved["state"][index][key]), torch.as_tensor(loaded["state"][index][key]))
+            saved_value, loaded_value = saved["state"][index][key], loaded["state"][index][key]
+            assert torch.equal(torch.as_tensor(saved_value), torch.as_tensor(loaded_value))
     assert checkpoint_info(path)["step"] == 7
 
 

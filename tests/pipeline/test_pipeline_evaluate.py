@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from dpar.pipeline.evaluate import (feature_statistics, fid, flops_to_target, frechet_distance, inception_extractor,
-                           patch_statistics)
+from dpar.pipeline.evaluate import (
+    feature_statistics,
+    fid,
+    flops_to_target,
+    frechet_distance,
+    inception_extractor,
+    patch_statistics,
+)
 
 
 def _small_extractor():

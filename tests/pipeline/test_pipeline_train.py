@@ -5,12 +5,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from pipeline_helpers import train_args, write_random_dataset
 
 import dpar_kernels as dk
 from dpar.pipeline import checkpoint, train
 from dpar.pipeline.patchify import PatchTable, threshold_for_reduction
-from pipeline_helpers import train_args, write_random_dataset
-
 
 NO_CLASS_DROPOUT = ["class_dropout=0"]
 
