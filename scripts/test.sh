@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
-DPAR_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+DPAR_REQUIRE_EXTENSION=1 "$PY" -m pytest tests --tier full -q -p no:cacheprovider "$@"
 dist=$(mktemp -d)
 "$PY" -m build --no-isolation --outdir "$dist" . > "$dist/build.log" 2>&1 || { tail -40 "$dist/build.log"; exit 1; }
 "$PY" - "$dist" <<'PY'

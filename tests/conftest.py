@@ -12,6 +12,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Two tiers: the default fast tier (`pytest`, a few minutes) leaves out what builds, compiles or trains: these
+# folders and files (paths under tests/) and tests marked `slow`; the full tier (`pytest --tier full`, what CI runs
+# through scripts/test.sh) runs everything.
+FULL_TIER_ONLY = ("csrc/", "packaging/", "pipeline/", "model/test_compile_model.py", "model/test_generate_compile.py",
+                  "model/test_gpu_model.py", "ops/test_attention_triton.py", "ops/test_faults.py",
+                  "ops/test_gpu_kernels.py", "ops/test_cpu_isa.py")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=("fast", "full"), default="fast",
+                     help="fast (default): leave out the building, compiling and training tests; full: all (CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--tier") == "full":
+        return
+    kept, left_out = [], []
+    for item in items:
+        path = os.path.relpath(str(item.path), TESTS).replace(os.sep, "/")
+        full_only = "slow" in item.keywords or path.startswith(FULL_TIER_ONLY)
+        (left_out if full_only else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_kernels_by_default():
     """backend=None runs the C++ kernels on CPU tensors in the tests, whatever this machine's measured choice

@@ -290,6 +290,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow  # compiles for two GPU archs (a minute)
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernels_compile_for_gpus(arch, tmp_path):
