@@ -35,8 +35,7 @@ def _rows(starts: torch.Tensor, lengths: torch.Tensor, longest: int):
 
 def _pad(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Packed rows x [total, H, d] -> [n, longest, H, d], zeros where not valid."""
-    rows = x[index.clamp(max=max(x.shape[0] - 1, 0))] if x.shape[0] else x.new_zeros(*index.shape, *x.shape[1:])
-    return torch.where(valid[..., None, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.new_zeros(*index.shape, *x.shape[1:]).index_put_((valid,), x[index[valid]])
 
 
 class _Group:
