@@ -53,6 +53,14 @@ def check_same_device(**tensors) -> torch.device:
     return device
 
 
+def check_int(name: str, value, minimum: int) -> None:
+    """A Python int (bool excluded; TypeError otherwise) of at least ``minimum`` (ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -4,20 +4,14 @@ import math
 
 import torch
 
-
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+from dpar_kernels._checks import check_finite
 
 
 def check_sampling_args(*, cfg_scale, temperature, threshold=None) -> None:
     """cfg_scale finite; temperature finite and >= 0 (0: greedy); threshold (DPAR, float or [B] tensor) not NaN
     (+inf is allowed: entropy never starts a patch)."""
-    _finite("cfg_scale", cfg_scale)
-    if _finite("temperature", temperature) < 0:
+    check_finite("cfg_scale", cfg_scale)
+    if check_finite("temperature", temperature) < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if isinstance(threshold, torch.Tensor):
         if threshold.is_floating_point() and bool(threshold.isnan().any()):  # once per generate call

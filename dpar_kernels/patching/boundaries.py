@@ -1,14 +1,7 @@
 """DPAR patch boundaries from entropies, vectorised over images and tokens (no Python loops)."""
 import torch
 
-from .._checks import INT32_MAX, check_float, check_tensor
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+from .._checks import INT32_MAX, check_float, check_int, check_tensor
 
 
 def thresholds(threshold, batch: int) -> torch.Tensor | float:
@@ -69,9 +62,9 @@ def entropy_patch_lengths(entropy: torch.Tensor, *, threshold, max_patch_size: i
     entropy compare False, so they start no patch.
     """
     check_float("entropy", entropy, ndim=2)
-    _check_int("max_patch_size", max_patch_size, 1)
+    check_int("max_patch_size", max_patch_size, 1)
     if row_width is not None:
-        _check_int("row_width", row_width, 1)
+        check_int("row_width", row_width, 1)
     batch, tokens = entropy.shape
     starts = patch_starts(entropy, threshold, max_patch_size, row_width)
     flat_starts = starts.reshape(-1).nonzero().squeeze(1)
@@ -107,7 +100,7 @@ def patch_ids(patch_lengths: torch.Tensor, total: int) -> torch.Tensor:
     check_tensor("patch_lengths", patch_lengths, ndim=1)
     if patch_lengths.is_floating_point() or patch_lengths.dtype == torch.bool:
         raise TypeError(f"patch_lengths must be an integer tensor, got {patch_lengths.dtype}")
-    _check_int("total", total, 0)
+    check_int("total", total, 0)
     if not torch.compiler.is_compiling():
         if patch_lengths.numel() and bool((patch_lengths < 0).any()):
             raise ValueError("patch_lengths must be non-negative")
@@ -127,10 +120,10 @@ def static_patch_lengths(num_images: int, *, grid_height: int, grid_width: int, 
     Needs grid_height <= patches_per_image <= grid_height * grid_width.
     Returns patch_lengths int32 [num_images * P] and cu_patches int32 [num_images + 1], as entropy_patch_lengths.
     """
-    _check_int("num_images", num_images, 0)
-    _check_int("grid_height", grid_height, 1)
-    _check_int("grid_width", grid_width, 1)
-    _check_int("patches_per_image", patches_per_image, 1)
+    check_int("num_images", num_images, 0)
+    check_int("grid_height", grid_height, 1)
+    check_int("grid_width", grid_width, 1)
+    check_int("patches_per_image", patches_per_image, 1)
     if not grid_height <= patches_per_image <= grid_height * grid_width:
         raise ValueError(f"patches_per_image must be in [grid_height, grid_height * grid_width] = "
                          f"[{grid_height}, {grid_height * grid_width}], got {patches_per_image}")
