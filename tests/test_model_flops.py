@@ -47,3 +47,19 @@ def test_flop_breakdown_is_consistent():
     base = flops.baseline_training_flops(config, batch_size=2)
     assert small["total"] < base["total"], "4-token patches must save FLOPs against the baseline"
     assert base["total"] > 0 and base["forward"] * 2 < base["backward"] < base["forward"] * 3
+
+
+def test_every_model_has_one_loss_and_flops_signature():
+    config, model, baseline, entropy_model = tiny_models(torch.float32, class_dropout=0.0)
+    tokens, labels, patches, _ = random_batch(config, images=3, max_len=3, seed=3)
+    torch.manual_seed(0)
+    assert torch.equal(entropy_model.loss(tokens, labels, patches), entropy_model.loss(tokens))
+    assert torch.equal(baseline.loss(tokens, labels, patches), baseline.loss(tokens, labels))
+    with pytest.raises(ValueError, match="patches"):
+        model.loss(tokens, labels)
+    with pytest.raises(ValueError, match="labels"):
+        baseline.loss(tokens)
+    assert model.training_flops(tokens, patches) == flops.dpar_training_flops(config, patches)["total"]
+    assert baseline.training_flops(tokens) == flops.baseline_training_flops(config, batch_size=3)["total"]
+    measured = _counted(lambda: entropy_model.loss(tokens).backward())
+    assert entropy_model.training_flops(tokens, patches) == measured > 0

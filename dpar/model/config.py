@@ -145,7 +145,7 @@ ENTROPY_CONFIGS = {
 }
 
 
-def get_config(name: str, **overrides):
+def get_config(name: str, **overrides) -> ModelConfig | EntropyConfig:
     """A named config with fields replaced by ``overrides``.
 
     Names: "tiny", "B", "L", "XL" (ModelConfig; "tiny" runs on CPU) and "entropy", "entropy-tiny" (EntropyConfig).
