@@ -10,12 +10,23 @@ import pytest
 import torch
 
 from benchmarks import padded_ops
-from benchmarks.reporting import record
-from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time, new_model,
-                                  threshold_for_reduction, train_entropy_model, training_batch, training_flops,
-                                  training_step)
-from dpar.model import full_recompute
 from benchmarks.host_reads import HostReadCounter
+from benchmarks.reporting import record
+from benchmarks.workloads import (
+    QUICK,
+    SIZES,
+    entropy_model_for_grid,
+    kernel_backend,
+    machine,
+    mean_time,
+    new_model,
+    threshold_for_reduction,
+    train_entropy_model,
+    training_batch,
+    training_flops,
+    training_step,
+)
+from dpar.model import full_recompute
 
 WARMUP = 1  # the first step allocates (optimizer state, caches): never timed
 _TIMES: dict[tuple[str, str], float] = {}  # (group, impl) -> mean seconds, for ratios inside one run

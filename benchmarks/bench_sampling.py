@@ -21,8 +21,17 @@ import pytest
 import torch
 
 from benchmarks.reporting import record
-from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time, new_model,
-                                  threshold_for_reduction, train_entropy_model)
+from benchmarks.workloads import (
+    QUICK,
+    SIZES,
+    entropy_model_for_grid,
+    kernel_backend,
+    machine,
+    mean_time,
+    new_model,
+    threshold_for_reduction,
+    train_entropy_model,
+)
 
 BATCHES = (1, 2) if QUICK else (1, 16)
 GRID = SIZES.sampling_grid

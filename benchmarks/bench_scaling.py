@@ -9,8 +9,19 @@ relative RoPE); each grid's threshold gives ~2x fewer global tokens. Models as i
 import pytest
 
 from benchmarks.reporting import record
-from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time,
-                                  new_model, train_entropy_model, training_batch, training_flops, training_step)
+from benchmarks.workloads import (
+    QUICK,
+    SIZES,
+    entropy_model_for_grid,
+    kernel_backend,
+    machine,
+    mean_time,
+    new_model,
+    train_entropy_model,
+    training_batch,
+    training_flops,
+    training_step,
+)
 
 ROUNDS, WARMUP = (1, 1) if QUICK else (2, 1)
 _TIMES: dict[tuple[int, str], float] = {}

@@ -19,8 +19,8 @@ _LOAD_AT_START = os.getloadavg()
 def pytest_configure(config):
     if not _extension.HAS_CPU_OPS and os.environ.get("DPAR_ALLOW_NO_EXTENSION") != "1":
         raise pytest.UsageError(
-            "dpar_kernels._C is not loaded (see the warning above), so every dpar kernel benchmark would be skipped. Build it "
-            "(`pip install --no-build-isolation -e .`, README Install) or set DPAR_ALLOW_NO_EXTENSION=1 to "
+            "dpar_kernels._C is not loaded (see the warning above), so every dpar kernel benchmark would be skipped. "
+            "Build it (`pip install --no-build-isolation -e .`, README Install) or set DPAR_ALLOW_NO_EXTENSION=1 to "
             "benchmark the baselines and Triton only.")
 
 

@@ -13,6 +13,7 @@ warm-up; an implementation that fails records its error instead of a time. --dry
 interpreter, tiny shapes and one repeat (checks the script, its numbers mean nothing).
 """
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -179,7 +180,8 @@ def bench_memory_bound(shape: Shape, device, dtype, repeats: int, generator):
     for case, (moved, impls) in cases.items():
         source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
-        yield _bandwidth_row("memory", case, "device-copy", lambda: target.copy_(source), moved, device, repeats)
+        copy = functools.partial(target.copy_, source)
+        yield _bandwidth_row("memory", case, "device-copy", copy, moved, device, repeats)
         for b, fn in impls.items():
             yield _bandwidth_row("memory", case, f"dk-{b}", fn, moved, device, repeats)
 
