@@ -4,12 +4,14 @@ QUICK (env DPAR_BENCH_QUICK=1): tiny sizes and few rounds, for CI. The `ratios` 
 measurements per group; at the end of the session a table prints each timing as a speed-up over its group's
 baseline, plus any extra values (memory, ...). Without the compiled extension dpar_kernels._C every dk kernel
 benchmark would skip, so the session refuses to start unless DPAR_ALLOW_NO_EXTENSION=1. The benchmark JSON gets a
-"dpar" entry: the mode and the machine load (os.getloadavg) at the start and the end of the session.
+"dpar" entry: the mode, the machine (benchmarks/machine.py: CPU model, ISA path, threads, versions, commit) and its
+load (os.getloadavg) at the start and the end of the session.
 """
 import os
 
 import pytest
 
+from benchmarks.machine import machine_info
 from dpar_kernels import _extension
 
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
@@ -25,9 +27,11 @@ def pytest_configure(config):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["dpar"] = {"mode": "quick" if QUICK else "full", "loadavg_start": list(_LOAD_AT_START),
-                           "loadavg_end": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-                           "extension": _extension.HAS_CPU_OPS}
+    command = " ".join(["DPAR_BENCH_QUICK=1"] * QUICK + ["pytest", *config.invocation_params.args])
+    output_json["dpar"] = {"mode": "quick" if QUICK else "full", "command": command,
+                           "loadavg_start": list(_LOAD_AT_START), "loadavg_end": list(os.getloadavg()),
+                           "cpu_count": os.cpu_count(), "extension": _extension.HAS_CPU_OPS,
+                           "machine": machine_info()}
 
 
 class RatioTable:

@@ -128,8 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the per-token step (the same tokens; pays ~30 s+ of compile time per "
-                        "graph, so it wins for long runs: benchmarks/RESULTS.md, 'Compiled sampling')")
+                        help="torch.compile the per-token step (the same tokens; pays inductor's compile time per "
+                        "graph first, so it wins for long runs: benchmarks/RESULTS.md)")
     parser.add_argument("--image-size", type=int, help="size of each decoded image (default: 64 for the palette "
                         "tokenizer, the VQ's own 16 x grid)")
     parser.add_argument("--out", required=True, help="output PNG of the sample grid")
