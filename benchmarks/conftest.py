@@ -16,6 +16,7 @@ from dpar_kernels import _extension
 
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 _LOAD_AT_START = os.getloadavg()
+_MACHINE = machine_info()  # at the start: the commit timed is the one checked out now
 
 
 def pytest_configure(config):
@@ -31,7 +32,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["dpar"] = {"mode": "quick" if QUICK else "full", "command": command,
                            "loadavg_start": list(_LOAD_AT_START), "loadavg_end": list(os.getloadavg()),
                            "cpu_count": os.cpu_count(), "extension": _extension.HAS_CPU_OPS,
-                           "machine": machine_info()}
+                           "machine": _MACHINE}
 
 
 class RatioTable:

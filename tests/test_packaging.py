@@ -145,6 +145,8 @@ def test_benchmark_report_writes_results_as_data_and_a_summary(tmp_path, monkeyp
                      "loadavg_start": [3.5, 2.0, 1.0], "loadavg_end": [4.0, 2.5, 1.5], "cpu_count": 2}}
     (tmp_path / "b.json").write_text(json.dumps(data))
     results = tmp_path / "results"
+    results.mkdir()
+    (results / "test-cpu-avx2-quick.md").write_text("Rows of a test run.\n")  # a file's note goes under its heading
     monkeypatch.setattr(report, "RESULTS_DIR", str(results))
     monkeypatch.setattr(report, "SUMMARY", str(tmp_path / "RESULTS.md"))
     report.main(["--json", str(tmp_path / "b.json"), "--out", str(tmp_path), "--save"])
@@ -165,7 +167,8 @@ def test_benchmark_report_writes_results_as_data_and_a_summary(tmp_path, monkeyp
     saved = results / "test-cpu-avx2-quick.csv"
     assert saved.read_text() == (tmp_path / "results.csv").read_text()
     summary = (tmp_path / "RESULTS.md").read_text()
-    assert "## [test-cpu-avx2-quick.csv]" in summary and "**20.00x**" in summary and "gpu_check.sh" in summary
+    assert "## [test-cpu-avx2-quick.csv](results/test-cpu-avx2-quick.csv)\n\nRows of a test run.\n" in summary
+    assert "**20.00x**" in summary and "gpu_check.sh" in summary
 
 
 def test_machine_reads_cpu_model_and_isa_from_cpuinfo():
