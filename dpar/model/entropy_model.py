@@ -82,7 +82,8 @@ class EntropyModel(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def _counted_training_flops(config: EntropyConfig, shape: tuple[int, int], device: torch.device) -> float:
-    probe = EntropyModel(config).to(device)
+    with torch.random.fork_rng(devices=[]):  # the probe's initialisation leaves the caller's random stream alone
+        probe = EntropyModel(config).to(device)
     with FlopCounterMode(display=False) as counter:
         probe.loss(torch.zeros(shape, dtype=torch.long, device=device)).backward()
     return float(counter.get_total_flops())
