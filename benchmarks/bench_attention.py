@@ -167,6 +167,7 @@ def test_attention(benchmark, ratios, problem, mode, impl):
     group = f"attention-{problem}-{mode}"
     shape = (f"{len(p.lengths)} sequences of {min(p.lengths)}-{p.max_len} tokens ({p.total}), {HEADS} heads, "
              f"d={HEAD_DIM}, causal, fp32")
-    record(benchmark, group, impl, shape=shape, baseline=impl != "cpu", flops=flops, tokens=p.total)
+    record(benchmark, group, impl, shape=shape, baseline=impl != "cpu", backend="cpu" if impl == "cpu" else "",
+           flops=flops, tokens=p.total)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP)
     ratios.add_time(group, impl, benchmark, baseline=impl != "cpu")

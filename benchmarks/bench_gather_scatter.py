@@ -76,7 +76,8 @@ SCATTER_IMPLS = {
 }
 
 def run(benchmark, ratios, group, name, fn):
-    record(benchmark, group, name, shape=SHAPE, baseline=name != "dpar_cpu")
+    ours = name == "dpar_cpu"
+    record(benchmark, group, name, shape=SHAPE, baseline=not ours, backend="cpu" if ours else "")
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     ratios.add_time(group, name, benchmark, baseline=name != "dpar_cpu")
 

@@ -93,10 +93,11 @@ def result_rows(groups: dict, run: dict) -> list[dict]:
     return [{field: row.get(field) for field in FIELDS} for row in out]
 
 
-def run_info(dpar_info: dict, command: str) -> dict:
-    """The run columns: mode, machine (from the JSON when the timing process stored it), date, command."""
+def run_info(dpar_info: dict, command: str, when: str | None = None) -> dict:
+    """The run columns: mode, machine (from the JSON when the timing process stored it, else this process's), load,
+    date (``when``: pytest-benchmark's ISO datetime of the run; else today), command."""
     machine = dpar_info.get("machine") or machine_info()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = (when or datetime.datetime.now(datetime.timezone.utc).isoformat())[:10]
     start, end = dpar_info.get("loadavg_start"), dpar_info.get("loadavg_end")
     load = f"{start[0]:.1f} -> {end[0]:.1f}" if start and end else ""  # 1-min load average, start -> end
     return {"mode": dpar_info.get("mode", "unknown"), **{k: machine.get(k, "") for k in MACHINE_FIELDS},
@@ -345,9 +346,10 @@ def main(argv=None) -> None:
     else:
         command = " ".join(["python -m benchmarks.report", *(argv if argv is not None else sys.argv[1:])])
     groups = group_rows(data["benchmarks"])
-    rows = result_rows(groups, run_info(dpar_info, command))
+    run = run_info(dpar_info, command, data.get("datetime"))
+    rows = result_rows(groups, run)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"run": run_info(dpar_info, command), "load": dpar_info, "rows": rows}, f, indent=1)
+        json.dump({"run": run, "rows": rows}, f, indent=1)
     write_csv(rows, os.path.join(args.out, "results.csv"))
     text = summary(rows, "Benchmark report") if rows else "# Benchmark report\n\nno benchmark ran\n"
     text = text.replace("\n\n|", "\n" + load_line(dpar_info) + "\n\n|", 1)
