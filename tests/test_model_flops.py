@@ -49,7 +49,7 @@ def test_flop_breakdown_is_consistent():
     assert base["total"] > 0 and base["forward"] * 2 < base["backward"] < base["forward"] * 3
 
 
-def test_every_model_has_one_loss_and_flops_signature():
+def test_every_model_has_one_loss_flops_and_generate_signature():
     config, model, baseline, entropy_model = tiny_models(torch.float32, class_dropout=0.0)
     tokens, labels, patches, _ = random_batch(config, images=3, max_len=3, seed=3)
     torch.manual_seed(0)
@@ -63,3 +63,10 @@ def test_every_model_has_one_loss_and_flops_signature():
     assert baseline.training_flops(tokens) == flops.baseline_training_flops(config, batch_size=3)["total"]
     measured = _counted(lambda: entropy_model.loss(tokens).backward())
     assert entropy_model.training_flops(tokens, patches) == measured > 0
+    # generate: the baseline takes (and ignores) DPAR's patch arguments; DPAR names the ones it misses
+    plain = baseline.generate([1, 2], generator=torch.Generator().manual_seed(0))
+    tokens_and_none = baseline.generate([1, 2], entropy_model=entropy_model, threshold=1.0, max_patch_size=4,
+                                        generator=torch.Generator().manual_seed(0), return_patches=True)
+    assert torch.equal(tokens_and_none[0], plain) and tokens_and_none[1] is None
+    with pytest.raises(ValueError, match="entropy_model, threshold and max_patch_size"):
+        model.generate([1, 2], threshold=1.0, max_patch_size=4)

@@ -15,6 +15,7 @@ from . import flops
 from .blocks import AxialRope, RMSNorm, dense_cu_seqlens, grid_positions, init_weights, stack_from
 from .conditioning import ClassEmbedding, check_tokens_labels
 from .config import ModelConfig
+from .entropy_model import EntropyModel
 from .kv_cache import KVCache
 from .patcher import PatchBatch
 
@@ -69,11 +70,16 @@ class LlamaGenBaseline(nn.Module):
         ``patches`` is ignored."""
         return float(flops.baseline_training_flops(self.config, tokens.shape[0])["total"])
 
-    def generate(self, class_labels: torch.Tensor | Sequence[int], *, cfg_scale: float = 1.0,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, compile: bool | str = False) -> torch.Tensor:
+    def generate(self, class_labels: torch.Tensor | Sequence[int], *, entropy_model: EntropyModel | None = None,
+                 threshold: float | torch.Tensor | None = None, max_patch_size: int | None = None,
+                 cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, return_patches: bool = False,
+                 compile: bool | str = False) -> torch.Tensor | tuple[torch.Tensor, None]:
         """Samples token grids int64 [B, H*W] with a KV cache; see dpar.model.generation.generate_baseline.
-        compile=True runs the per-token step as one torch.compile graph (same tokens; a str picks the mode)."""
+        compile=True runs the per-token step as one torch.compile graph (same tokens; a str picks the mode).
+        Every model's generate has this signature: ``entropy_model``, ``threshold`` and ``max_patch_size`` are
+        ignored (every token is its own patch), and return_patches=True returns (tokens, None)."""
         from .generation import generate_baseline
-        return generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, generator=generator, compile=compile)
+        tokens = generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, generator=generator, compile=compile)
+        return (tokens, None) if return_patches else tokens

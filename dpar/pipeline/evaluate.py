@@ -235,7 +235,7 @@ def write_fid_samples(args: argparse.Namespace) -> str:
         if all(os.path.exists(path) for path in paths):
             continue
         labels = torch.tensor(list(indices), device=args.device) % config["num_classes"]
-        tokens, _, _ = sample_tokens(model, args.kind, labels, entropy_model=entropy_model, threshold=args.threshold,
+        tokens, _, _ = sample_tokens(model, labels, entropy_model=entropy_model, threshold=args.threshold,
                                      max_patch_size=args.max_patch_size, cfg_scale=args.cfg_scale,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      seed=args.seed + batch)
