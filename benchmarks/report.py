@@ -174,7 +174,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         base = timed.get((benchmark, main.get("fastest_baseline") or ""))
         base_text = f"{base['implementation']} {format_value(base['value'], base['unit'])}" if base else (
             main.get("fastest_baseline") or "")
-        speedup = _number(main.get("speedup"))
+        speedup = _number(main.get("speedup")) if main["metric"] in ("time", "speedup") else None
         shape = "" if main["shape"] in (benchmark, last_shape) else main["shape"]
         last_shape = main["shape"]
         lines.append(f"| {benchmark} | {shape} | {impl} | {text} | {base_text} | "
@@ -183,10 +183,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 
 def _figure(row: dict) -> str:
-    """A figure in words; a ratio-only row ("speedup") shows its note alone."""
+    """A figure in words; a ratio-only row ("speedup") shows its note alone, a rate (not a time) its own ratio."""
     note = row.get("note") or ""
     if row["metric"] == "speedup":
         return note
+    ratio = _number(row.get("speedup"))
+    if ratio and row["metric"] != "time":
+        note = f"{ratio:.2f}x {row.get('fastest_baseline') or 'the baseline'}" + (f", {note}" if note else "")
     return format_value(row["value"], row["unit"]) + (f" ({note})" if note else "")
 
 
@@ -245,7 +248,8 @@ other work. Earlier figures are in git history.
 GPU: nothing has run on a GPU yet. `bash scripts/gpu_check.sh OUT` is the one command for a lent GPU: it records the
 environment, builds the CUDA extension for the present arch only, fails if the CUDA ops did not build, runs
 `pytest -m gpu`, compute-sanitizer memcheck over `scripts/gpu_sanitize.py` and `python -m benchmarks.gpu_bench --out
-OUT` (bf16 at DPAR-L shapes), each step with its own time limit, into `OUT/gpu_check.md` and `OUT/gpu_check.json`.
+OUT` (bf16 at DPAR-L shapes), each step with its own time limit, into `OUT/gpu_check.md` and `OUT/gpu_check.json`;
+the benchmark's `OUT/results.csv`, copied into results/, lists its figures here.
 """
 
 

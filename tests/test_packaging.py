@@ -180,3 +180,16 @@ def test_machine_reads_cpu_model_and_isa_from_cpuinfo():
     assert machine.isa_from_flags({"avx2"}) == "default" and machine.isa_from_flags(set()) == "default"
     info = machine.machine_info()
     assert set(info) == set(MACHINE) and info["cores"] >= 1 and info["isa"] in ("avx512", "avx2", "default")
+
+
+def test_gpu_bench_rows_become_report_rows():
+    from benchmarks import gpu_bench, report
+    rows = gpu_bench.with_ratios([{"group": "memory", "case": "gather", "impl": "device-copy", "GB/s": 100.0},
+                                  {"group": "memory", "case": "gather", "impl": "dk-cuda", "GB/s": 50.0},
+                                  {"group": "memory", "case": "gather", "impl": "dk-triton", "error": "boom"}])
+    out = gpu_bench.result_rows(rows, {**MACHINE, "gpu": "H200", "mode": "gpu bfloat16"}, "32 images")
+    assert [r["implementation"] for r in out] == ["device-copy", "dk-cuda"], "a failed row has no figure"
+    dk_row = out[1]
+    assert set(dk_row) == set(report.FIELDS) and dk_row["backend"] == "cuda" and dk_row["gpu"] == "H200"
+    assert (dk_row["value"], dk_row["unit"], dk_row["speedup"], dk_row["fastest_baseline"]) == (
+        50.0, "GB/s", 0.5, "device-copy")
