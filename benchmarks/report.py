@@ -145,7 +145,7 @@ def format_value(value, unit: str) -> str:
         return f"{number / 2 ** 20:.4g} MiB"
     if unit.startswith("x"):  # a ratio: "0.82x baseline time"
         return f"{number:.3g}{unit}"
-    return f"{number:.4g} {unit}"
+    return f"{number:.5g} {unit}"
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
