@@ -165,6 +165,9 @@ def test_attention(benchmark, ratios, problem, mode, impl):
         pytest.skip(f"{impl} does not run on CPU here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     flops = (4 if mode == "forward" else 14) * HEADS * HEAD_DIM * p.pairs
     group = f"attention-{problem}-{mode}"
-    record(benchmark, group, impl, baseline=impl != "cpu", flops=flops, tokens=p.total)
+    shape = (f"{len(p.lengths)} sequences of {min(p.lengths)}-{p.max_len} tokens ({p.total}), {HEADS} heads, "
+             f"d={HEAD_DIM}, causal, fp32")
+    record(benchmark, group, impl, shape=shape, baseline=impl != "cpu", backend="cpu" if impl == "cpu" else "",
+           flops=flops, tokens=p.total)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP)
     ratios.add_time(group, impl, benchmark, baseline=impl != "cpu")

@@ -41,7 +41,8 @@ pytestmark = pytest.mark.skipif("cpu" not in dk.available_backends(torch.device(
 
 
 def _run(benchmark, ratios, group, name, fn, baseline):
-    record(benchmark, group, name, baseline=baseline, threads=torch.get_num_threads())
+    record(benchmark, group, name, shape=group, baseline=baseline, backend="" if baseline else "cpu",
+           threads=torch.get_num_threads())
     if QUICK:
         benchmark.pedantic(fn, rounds=20, warmup_rounds=2, iterations=5)
     else:

@@ -11,9 +11,19 @@ import torch
 
 from benchmarks import padded_ops
 from benchmarks.reporting import record
-from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time, new_model,
-                                  threshold_for_reduction, train_entropy_model, training_batch, training_flops,
-                                  training_step)
+from benchmarks.workloads import (
+    QUICK,
+    SIZES,
+    entropy_model_for_grid,
+    kernel_backend,
+    mean_time,
+    new_model,
+    threshold_for_reduction,
+    train_entropy_model,
+    training_batch,
+    training_flops,
+    training_step,
+)
 from dpar.model import full_recompute
 from dpar_kernels.testing import HostReadCounter
 
@@ -36,7 +46,9 @@ def batch(entropy_model):
 
 def _common_info(batch) -> dict:
     images = batch.tokens.shape[0]
-    return dict(machine=machine(), backend=kernel_backend(), quick=QUICK, grid=SIZES.grid, batch=images,
+    shape = (f"batch {images} of {SIZES.grid}x{SIZES.grid} tokens, width {SIZES.width}, {SIZES.heads} heads, "
+             f"layers {'+'.join(map(str, SIZES.layers))}, vocab {SIZES.vocab}")
+    return dict(shape=shape, backend=kernel_backend(), quick=QUICK, grid=SIZES.grid, batch=images,
                 threshold=batch.threshold, tokens_per_image=batch.patches.tokens_per_image,
                 patches_per_image=batch.patches.num_patches / images)
 
@@ -153,7 +165,8 @@ SAMPLING_CASES = [  # (group, kind, label, is the group's baseline)
 @pytest.mark.parametrize("group,kind,impl,is_baseline", SAMPLING_CASES, ids=lambda v: str(v).replace(" ", "-"))
 def test_sampling(benchmark, group, kind, impl, is_baseline, sampling):
     images = SIZES.sampling_batch
-    record(benchmark, group, impl, baseline=is_baseline, machine=machine(), backend=kernel_backend(), quick=QUICK,
+    record(benchmark, group, impl, shape=f"{images} image(s) of {SIZES.sampling_grid}x{SIZES.sampling_grid} tokens",
+           baseline=is_baseline, backend=kernel_backend(), quick=QUICK,
            grid=SIZES.sampling_grid, images=images, threshold=sampling[4])
     warmup = 0 if kind == "dpar recompute" else 1  # recomputation is O(T^2): one untimed run would double it
     result = benchmark.pedantic(_sample(kind, sampling), rounds=1, warmup_rounds=warmup, iterations=1)

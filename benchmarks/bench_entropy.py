@@ -57,7 +57,8 @@ def test_token_entropy_cpu(benchmark, ratios, logits, impl):
     fn = TOKEN_IMPLS[impl]()
     out = fn(logits)  # warm-up (and compilation)
     torch.testing.assert_close(out, eager_entropy(logits), rtol=1e-4, atol=1e-4)
-    record(benchmark, f"token_entropy N={N} V={V} fp32", impl, baseline=impl != "dpar cpu backend")
+    record(benchmark, f"token_entropy N={N} V={V} fp32", impl, shape=f"[{N}, {V}] fp32",
+           baseline=impl != "dpar cpu backend", backend="cpu" if impl == "dpar cpu backend" else "")
     benchmark.pedantic(fn, args=(logits,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     ratios.add_time("token_entropy cpu", impl, benchmark, baseline=impl == "torch eager")
 
@@ -106,7 +107,8 @@ def test_linear_entropy_cpu(benchmark, ratios, linear_inputs, impl):
     fn = (lambda: dk.linear_entropy(hidden, weight, backend="cpu")) if impl == "dpar cpu backend" else (
         lambda: matmul_then_entropy(hidden, weight))
     torch.testing.assert_close(fn(), matmul_then_entropy(hidden, weight), rtol=1e-4, atol=1e-4)
-    record(benchmark, f"linear_entropy N={N} V={V} D={D} fp32", impl, baseline=impl != "dpar cpu backend")
+    record(benchmark, f"linear_entropy N={N} V={V} D={D} fp32", impl, shape=f"[{N}, {D}] x [{V}, {D}] fp32",
+           baseline=impl != "dpar cpu backend", backend="cpu" if impl == "dpar cpu backend" else "")
     benchmark.pedantic(fn, rounds=1 if not QUICK else ROUNDS, iterations=1, warmup_rounds=0)
     ratios.add_time("linear_entropy cpu", impl, benchmark, baseline=impl == "matmul-then-entropy")
     logits_bytes = N * V * 4

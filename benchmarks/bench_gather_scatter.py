@@ -40,6 +40,8 @@ class Problem:
 
 
 PROBLEM = Problem()
+SHAPE = (f"{IMAGES}x{TOKENS} tokens in {PROBLEM.num_patches} patches of 1-{MAX_PATCH} (rows of {ROW_WIDTH}), "
+         f"D={COLS}, fp32")
 
 
 def gather_index_add(x, reduce):
@@ -74,7 +76,8 @@ SCATTER_IMPLS = {
 }
 
 def run(benchmark, ratios, group, name, fn):
-    record(benchmark, group, name, baseline=name != "dpar_cpu")
+    ours = name == "dpar_cpu"
+    record(benchmark, group, name, shape=SHAPE, baseline=not ours, backend="cpu" if ours else "")
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     ratios.add_time(group, name, benchmark, baseline=name != "dpar_cpu")
 

@@ -20,9 +20,18 @@ import time
 import pytest
 import torch
 
+from benchmarks.machine import machine_label
 from benchmarks.reporting import record
-from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time, new_model,
-                                  threshold_for_reduction, train_entropy_model)
+from benchmarks.workloads import (
+    QUICK,
+    SIZES,
+    entropy_model_for_grid,
+    kernel_backend,
+    mean_time,
+    new_model,
+    threshold_for_reduction,
+    train_entropy_model,
+)
 
 BATCHES = (1, 2) if QUICK else (1, 16)
 GRID = SIZES.sampling_grid
@@ -65,7 +74,8 @@ def sampler(models, impl: str, labels: torch.Tensor, compile: bool = False):
 @pytest.mark.parametrize("impl", CASES)
 def test_sampling_throughput(benchmark, ratios, models, impl, batch):
     group = f"sampling batch {batch}"
-    record(benchmark, group, impl, baseline=impl == "LlamaGen", machine=machine(), backend=kernel_backend(),
+    record(benchmark, group, impl, shape=f"batch {batch} of {GRID}x{GRID} tokens", baseline=impl == "LlamaGen",
+           backend=kernel_backend(),
            quick=QUICK, grid=GRID, images=batch)
     if impl != "LlamaGen":
         threshold, max_patch = models[3][impl.removeprefix("DPAR ")]
@@ -94,7 +104,7 @@ def main(repetitions: int) -> None:
     as ratios to eager LlamaGen, and compiled / eager per case."""
     torch.set_num_threads(1)
     models = build_models()
-    print(machine())
+    print(machine_label())
     modes = {"eager": False, "compiled": True}
     for batch in reversed(BATCHES):
         labels = torch.arange(batch) % 10

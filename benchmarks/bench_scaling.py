@@ -9,8 +9,18 @@ relative RoPE); each grid's threshold gives ~2x fewer global tokens. Models as i
 import pytest
 
 from benchmarks.reporting import record
-from benchmarks.workloads import (QUICK, SIZES, entropy_model_for_grid, kernel_backend, machine, mean_time,
-                                  new_model, train_entropy_model, training_batch, training_flops, training_step)
+from benchmarks.workloads import (
+    QUICK,
+    SIZES,
+    entropy_model_for_grid,
+    kernel_backend,
+    mean_time,
+    new_model,
+    train_entropy_model,
+    training_batch,
+    training_flops,
+    training_step,
+)
 
 ROUNDS, WARMUP = (1, 1) if QUICK else (2, 1)
 _TIMES: dict[tuple[int, str], float] = {}
@@ -35,9 +45,10 @@ def test_training_step_scaling(benchmark, grid, kind, batches):
     images, tokens = batch.tokens.shape
     flops = training_flops(kind, grid, batch)
     record(benchmark, f"scaling {grid}x{grid} tokens", "DPAR" if kind == "dpar" else "LlamaGen baseline",
-           baseline=kind == "baseline", flops=flops["total"], scaling="step time", size=tokens,
+           shape=f"{images} image(s) of {grid}x{grid} tokens", baseline=kind == "baseline", flops=flops["total"],
+           scaling="step time", size=tokens,
            tokens_per_image=tokens, global_tokens_per_image=flops["global_tokens"] / images, images=images,
-           threshold=batch.threshold, machine=machine(), backend=kernel_backend(), quick=QUICK)
+           threshold=batch.threshold, backend=kernel_backend(), quick=QUICK)
     model, optimizer = new_model(kind, grid)
     benchmark.pedantic(training_step(model, optimizer, batch), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     _TIMES[(grid, kind)] = seconds = mean_time(benchmark)

@@ -4,30 +4,35 @@ QUICK (env DPAR_BENCH_QUICK=1): tiny sizes and few rounds, for CI. The `ratios` 
 measurements per group; at the end of the session a table prints each timing as a speed-up over its group's
 baseline, plus any extra values (memory, ...). Without the compiled extension dpar_kernels._C every dk kernel
 benchmark would skip, so the session refuses to start unless DPAR_ALLOW_NO_EXTENSION=1. The benchmark JSON gets a
-"dpar" entry: the mode and the machine load (os.getloadavg) at the start and the end of the session.
+"dpar" entry: the mode, the machine (benchmarks/machine.py: CPU model, ISA path, threads, versions, commit) and its
+load (os.getloadavg) at the start and the end of the session.
 """
 import os
 
 import pytest
 
+from benchmarks.machine import machine_info
 from dpar_kernels import _extension
 
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 _LOAD_AT_START = os.getloadavg()
+_MACHINE = machine_info()  # at the start: the commit timed is the one checked out now
 
 
 def pytest_configure(config):
     if not _extension.HAS_CPU_OPS and os.environ.get("DPAR_ALLOW_NO_EXTENSION") != "1":
         raise pytest.UsageError(
-            "dpar_kernels._C is not loaded (see the warning above), so every dpar kernel benchmark would be skipped. Build it "
-            "(`pip install --no-build-isolation -e .`, README Install) or set DPAR_ALLOW_NO_EXTENSION=1 to "
+            "dpar_kernels._C is not loaded (see the warning above), so every dpar kernel benchmark would be skipped. "
+            "Build it (`pip install --no-build-isolation -e .`, README Install) or set DPAR_ALLOW_NO_EXTENSION=1 to "
             "benchmark the baselines and Triton only.")
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["dpar"] = {"mode": "quick" if QUICK else "full", "loadavg_start": list(_LOAD_AT_START),
-                           "loadavg_end": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-                           "extension": _extension.HAS_CPU_OPS}
+    command = " ".join(["DPAR_BENCH_QUICK=1"] * QUICK + ["pytest", *config.invocation_params.args])
+    output_json["dpar"] = {"mode": "quick" if QUICK else "full", "command": command,
+                           "loadavg_start": list(_LOAD_AT_START), "loadavg_end": list(os.getloadavg()),
+                           "cpu_count": os.cpu_count(), "extension": _extension.HAS_CPU_OPS,
+                           "machine": _MACHINE}
 
 
 class RatioTable:

@@ -8,15 +8,18 @@ triton backends against torch's flash varlen attention (torch.nn.attention.varle
 (benchmarks/padded_ops.py) and FlexAttention with a document mask. FLOPs are the useful ones of every
 implementation alike (dk's flop formula: 4 H d per attended pair forward, 10 backward). patch_gather /
 patch_scatter / token_entropy: GB/s (bytes read + written) against a device copy of the same bytes.
-Writes DIR/gpu_bench.json and DIR/gpu_bench.md. Each timing is the median of CUDA-event-timed repeats after a
-warm-up; an implementation that fails records its error instead of a time. --dry-run: CPU tensors, the Triton
-interpreter, tiny shapes and one repeat (checks the script, its numbers mean nothing).
+Writes DIR/gpu_bench.json, DIR/gpu_bench.md and DIR/results.csv (benchmarks/report.py's rows: one per figure, with
+the machine and command; copy it to benchmarks/results/ to commit it). Each timing is the median of CUDA-event-timed
+repeats after a warm-up; an implementation that fails records its error instead of a time. --dry-run: CPU tensors,
+the Triton interpreter, tiny shapes and one repeat (checks the script, its numbers mean nothing).
 """
 import argparse
+import functools
 import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -179,7 +182,8 @@ def bench_memory_bound(shape: Shape, device, dtype, repeats: int, generator):
     for case, (moved, impls) in cases.items():
         source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
-        yield _bandwidth_row("memory", case, "device-copy", lambda: target.copy_(source), moved, device, repeats)
+        copy = functools.partial(target.copy_, source)
+        yield _bandwidth_row("memory", case, "device-copy", copy, moved, device, repeats)
         for b, fn in impls.items():
             yield _bandwidth_row("memory", case, f"dk-{b}", fn, moved, device, repeats)
 
@@ -198,6 +202,30 @@ def with_ratios(rows: list[dict]) -> list[dict]:
                     row[f"{metric} / best baseline"] = _significant(row[metric] / best)
         result.append(row)
     return result
+
+
+METRICS = ("fwd TFLOP/s", "fwd+bwd TFLOP/s", "GB/s")
+
+
+def result_rows(rows: list[dict], run: dict, shape: str) -> list[dict]:
+    """rows (with_ratios) -> benchmarks/report.py's FIELDS rows: one per (case, implementation, metric), dk rows
+    with the strongest baseline of their case and the ratio to it."""
+    from benchmarks.report import FIELDS
+
+    out = []
+    for row in rows:
+        ours = row["impl"].startswith("dk-")
+        for metric in METRICS:
+            if row.get(metric) is None:
+                continue
+            baselines = [r for r in rows if r["case"] == row["case"] and not r["impl"].startswith("dk-")
+                         and r.get(metric)]
+            best = max(baselines, key=lambda r: r[metric])["impl"] if ours and baselines else ""
+            out.append({**run, "benchmark": f"{row['group']}: {row['case']}", "shape": shape,
+                        "implementation": row["impl"], "backend": row["impl"][3:] if ours else "",
+                        "is_baseline": not ours, "metric": metric, "value": row[metric], "unit": metric,
+                        "fastest_baseline": best, "speedup": row.get(f"{metric} / best baseline")})
+    return [{field: r.get(field) for field in FIELDS} for r in out]
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -221,6 +249,14 @@ def main(argv=None) -> int:
     meta = {"device": device_name, "dtype": str(dtype), "shape": shape.__dict__, "repeats": repeats,
             "torch": torch.__version__, "dry_run": args.dry_run}
     os.makedirs(args.out, exist_ok=True)
+    from benchmarks.machine import machine_info
+    from benchmarks.report import write_csv
+
+    command = " ".join(["python -m benchmarks.gpu_bench", *(argv if argv is not None else sys.argv[1:])])
+    run = {**machine_info(), "mode": "dry-run" if args.dry_run else f"gpu {dtype}".replace("torch.", ""),
+           "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": command}
+    shape_text = (f"{shape.images} images of {shape.tokens} tokens, {shape.heads} heads of {shape.head_dim}, "
+                  f"{shape.patch_ratio} tokens per patch, V={shape.vocab}")
     rows = []
     for row in itertools.chain(bench_memory_bound(shape, device, dtype, repeats, generator),
                                bench_attention(shape, device, dtype, repeats, generator)):
@@ -230,6 +266,7 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "rows": with_ratios(rows)}, f, indent=1)
         with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
             f.write(markdown(with_ratios(rows), f"GPU benchmarks on {device_name} ({dtype}, {shape})"))
+        write_csv(result_rows(with_ratios(rows), run, shape_text), os.path.join(args.out, "results.csv"))
     return 0
 
 

@@ -4,7 +4,6 @@ grids, a briefly trained entropy model, patch batches at a ~2x token reduction, 
 QUICK (env DPAR_BENCH_QUICK=1) picks tiny sizes that run in seconds; the full mode a "small" CPU-sized model.
 """
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +40,6 @@ SIZES = (Sizes(width=64, heads=2, layers=(1, 2, 1), vocab=256, grid=8, batch=2, 
          Sizes(width=256, heads=4, layers=(1, 4, 2), vocab=4096, grid=16, batch=8, rounds=3, entropy_steps=30,
                scaling_grids=(16, 24, 32, 64), scaling_batch=1, sampling_grid=16,
                sampling_batch=1))
-
-
-def machine() -> str:
-    """A label of the machine the benchmark runs on (CPU model, cores, torch threads)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def kernel_backend() -> str:

@@ -1,4 +1,4 @@
-"""`python -m dpar <command>`: train, patchify, sample, evaluate, demo (each has --help)."""
+"""`python -m dpar <command>`: train, patchify, sample, evaluate, extract-codes, demo, ablate (each has --help)."""
 import argparse
 import copy
 import importlib

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the reference pipeline demo on the embedded default data (CPU, ~5 min).
+# Sets up (scripts/setup.sh) and runs the reference pipeline demo on the embedded default data (CPU; its wall time
+# is in benchmarks/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -31,9 +31,9 @@ def entropy_calls(backend, device, dtypes, vocabs=(7, 2049, 16384)):
             logits = torch.randn(9, vocab + 3, device=device).to(dtype)[:, 3:]  # unaligned rows
             logits[0, :16] = float("nan")
             logits[1, ::2] = float("-inf")
-            yield f"token_entropy {dtype} V={vocab}", lambda: dk.token_entropy(logits, backend=backend)
+            yield f"token_entropy {dtype} V={vocab}", lambda logits=logits: dk.token_entropy(logits, backend=backend)
         hidden, weight = torch.randn(33, 64, device=device).to(dtype), torch.randn(1000, 64, device=device).to(dtype)
-        yield f"linear_entropy {dtype}", lambda: dk.linear_entropy(hidden, weight, backend=backend)
+        yield f"linear_entropy {dtype}", lambda h=hidden, w=weight: dk.linear_entropy(h, w, backend=backend)
 
 
 def gather_scatter_calls(backend, device, dtypes, widths=(1, 7, 64)):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), runs the test suite, builds the sdist and a wheel from it once (compiles _C, ~3 min
-# on an idle machine) and checks the wheel carries _C, then runs the benchmark suite in quick mode so it cannot rot.
+# Sets up (scripts/setup.sh), runs the test suite, builds the sdist and a wheel from it once (compiles _C) and
+# checks the wheel carries _C, then runs the benchmark suite in quick mode so it cannot rot.
 # The extension must have built (DPAR_REQUIRE_EXTENSION=1 turns a failed build into a failing test).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,8 +9,9 @@ Triton runs: at launch Triton specialises every pointer and every integer argume
 token/head strides (multiples of 16 for every supported head dim); lse/delta strides (= total_q) and counts stay
 generic. The full run covers fp16/bf16/fp32 inputs, head dims 64/80/128 and causal or not; --quick covers bf16
 d=128 causal, fp16 d=128 causal, fp32 d=128 non-causal and fp32 d=80 non-causal (tests/ops/test_attention_triton.py
-runs it for sm_90, and for sm_86 with --shared-memory-only). Exits 1 if a kernel fails to compile, spills registers or needs more shared memory
-than the arch has. The interpreter tests cannot catch any of these, and cannot run bf16 at all.
+runs it for sm_90, and for sm_86 with --shared-memory-only). Exits 1 if a kernel fails to compile, spills registers
+or needs more shared memory than the arch has. The interpreter tests cannot catch any of these, and cannot run bf16
+at all.
 """
 import argparse
 import os

@@ -2,17 +2,26 @@
 
 A plain causal transformer over [class token] + tokens with 2D RoPE and encoder+global+decoder layers.
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 import dpar_kernels as dk
 
+from . import flops
 from .blocks import AxialRope, RMSNorm, dense_cu_seqlens, grid_positions, init_weights, stack_from
 from .conditioning import ClassEmbedding, check_tokens_labels
+from .config import ModelConfig
+from .entropy_model import EntropyModel
+from .kv_cache import KVCache
+from .patcher import PatchBatch
 
 
 class LlamaGenBaseline(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
         self.token_embed = nn.Embedding(c.vocab_size, c.width)
@@ -30,12 +39,13 @@ class LlamaGenBaseline(nn.Module):
         """Index in [class, token_0, ...] -> (row, col) [N, 2]; the class token (index 0) gets (0, 0)."""
         return grid_positions((sequence_index - 1).clamp(min=0), self.config.grid_width)
 
-    def run(self, rows, sequence_index, cu_seqlens=None, max_seqlen=None, cache=None):
+    def run(self, rows: torch.Tensor, sequence_index: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+            max_seqlen: int | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """rows [N, D] at sequence positions [N] -> logits [N, V] (row i predicts the token after it)."""
         rope = self.rope(self.positions(sequence_index), rows.dtype)
         return self.head(self.norm(self.layers(rows, rope, cu_seqlens, max_seqlen, cache)))
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, patches=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, patches: PatchBatch | None = None) -> torch.Tensor:
         """tokens int64 [B, T], labels int64 [B] -> logits [B*T, V] (row b*T+t predicts tokens[b, t]).
         ``patches`` is ignored (every token is its own patch)."""
         check_tokens_labels(self.config, tokens, labels)
@@ -46,14 +56,30 @@ class LlamaGenBaseline(nn.Module):
         rows = self.token_dropout(rows.reshape(batch * length, -1))
         return self.run(rows, index, dense_cu_seqlens(batch, length, tokens.device), length)
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, patches=None) -> torch.Tensor:
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+             patches: PatchBatch | None = None) -> torch.Tensor:
+        """Mean token cross-entropy (scalar). Every model's loss has this signature; the baseline needs ``labels``
+        and ignores ``patches`` (every token is its own patch)."""
+        if labels is None:
+            raise ValueError("LlamaGenBaseline.loss needs labels (int64 [B])")
         logits = self.forward(tokens, labels)
         return nn.functional.cross_entropy(logits.float(), tokens.reshape(-1))
 
-    def generate(self, class_labels, *, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 compile=False):
-        """Samples token grids int64 [B, H*W] with a KV cache; see dpar.generation.generate_baseline.
-        compile=True runs the per-token step as one torch.compile graph (same tokens; a str picks the mode)."""
+    def training_flops(self, tokens: torch.Tensor, patches: PatchBatch | None = None) -> float:
+        """Analytic FLOPs of one training step (forward + backward) on ``tokens.shape[0]`` images (dpar.flops);
+        ``patches`` is ignored."""
+        return float(flops.baseline_training_flops(self.config, tokens.shape[0])["total"])
+
+    def generate(self, class_labels: torch.Tensor | Sequence[int], *, entropy_model: EntropyModel | None = None,
+                 threshold: float | torch.Tensor | None = None, max_patch_size: int | None = None,
+                 cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, return_patches: bool = False,
+                 compile: bool | str = False) -> torch.Tensor | tuple[torch.Tensor, None]:
+        """Samples token grids int64 [B, H*W] with a KV cache; see dpar.model.generation.generate_baseline.
+        compile=True runs the per-token step as one torch.compile graph (same tokens; a str picks the mode).
+        Every model's generate has this signature: ``entropy_model``, ``threshold`` and ``max_patch_size`` are
+        ignored (every token is its own patch), and return_patches=True returns (tokens, None)."""
         from .generation import generate_baseline
-        return generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, generator=generator, compile=compile)
+        tokens = generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, generator=generator, compile=compile)
+        return (tokens, None) if return_patches else tokens

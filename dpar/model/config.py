@@ -24,22 +24,19 @@ class ModelConfig:
 
     Choices where the authors' released code (DyART/DPAR in dsrivastavv/PixelAR) differs from ours; the authors'
     values are in AUTHORS_CHOICES (``get_config(name, **AUTHORS_CHOICES)``). Each was compared in
-    ``python -m dpar ablate`` (benchmarks/RESULTS.md, "Ablation at equal training FLOPs": tiny DPAR, 16x16 tokens,
-    one FLOP budget; seed-to-seed swings there are ~0.04 nats); ours stayed the default because no authors' choice
-    was better: two were clearly worse, two tied within the noise:
+    ``python -m dpar ablate`` (held-out NLL at one FLOP budget, tiny DPAR, 16x16 tokens: the "authors-*" rows of
+    benchmarks/RESULTS.md); ours stayed the default because no authors' choice was better there (zero_init_head and
+    refiner_mlp were worse by more than the seed-to-seed spread, the other two tied within it):
 
     - token_dropout: dropout on the rows entering the global transformer (class + patch vectors; the baseline's
       input rows). Authors 0.1, ours 0.0.
     - resid_dropout / ffn_dropout: dropout on every attention / SwiGLU output before its residual add (also in the
-      patch refiner). Authors 0.1 / 0.1, ours 0.0 / 0.0. The three dropouts together: held-out NLL 2.433 vs ours
-      2.419, a tie (these short runs do not overfit).
-    - zero_init_head: the output head starts at zero (uniform first predictions). Authors True, ours False
-      (2.582 vs 2.419).
+      patch refiner). Authors 0.1 / 0.1, ours 0.0 / 0.0 (compared together with token_dropout).
+    - zero_init_head: the output head starts at zero (uniform first predictions). Authors True, ours False.
     - patch_rope_split: how the patch RoPE divides the head_dim/2 rotary pairs between (row, col_start, col_end):
-      "thirds" (ours, equal shares) or "half_row" (authors: half to the row, a quarter to each column axis);
-      2.421 vs 2.419, a tie.
+      "thirds" (ours, equal shares) or "half_row" (authors: half to the row, a quarter to each column axis).
     - refiner_mlp: the patch refiner adds a SwiGLU MLP after its cross-attention (ours True; authors False,
-      cross-attention only): 2.556 vs 2.419 even though attention-only takes more steps in the same budget.
+      cross-attention only).
     """
     vocab_size: int = 16384
     num_classes: int = 1000
@@ -145,7 +142,7 @@ ENTROPY_CONFIGS = {
 }
 
 
-def get_config(name: str, **overrides):
+def get_config(name: str, **overrides) -> ModelConfig | EntropyConfig:
     """A named config with fields replaced by ``overrides``.
 
     Names: "tiny", "B", "L", "XL" (ModelConfig; "tiny" runs on CPU) and "entropy", "entropy-tiny" (EntropyConfig).

@@ -7,20 +7,36 @@ Causality: the decoder predicts token t from the encoder state of token t-1 (whi
 from the global output just before t's patch p (which has seen the class and patches < p, i.e. tokens before
 p's first token <= t). Patch boundaries themselves depend only on earlier tokens (entropy H_{t-1}).
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 import dpar_kernels as dk
 
-from .blocks import (AxialRope, Block, PatchRefiner, RMSNorm, dense_cu_seqlens, dropouts_of, grid_positions,
-                     init_weights, stack_from)
-from .config import PATCH_ROPE_SPLITS
+from . import flops
+from .blocks import (
+    AxialRope,
+    Block,
+    PatchRefiner,
+    RMSNorm,
+    dense_cu_seqlens,
+    dropouts_of,
+    grid_positions,
+    init_weights,
+    stack_from,
+)
 from .conditioning import ClassEmbedding, check_tokens_labels
+from .config import PATCH_ROPE_SPLITS, ModelConfig
+from .entropy_model import EntropyModel
+from .kv_cache import KVCache
 from .patcher import PatchBatch
 
 
 class DPAR(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
         self.token_embed = nn.Embedding(c.vocab_size, c.width)
@@ -45,22 +61,26 @@ class DPAR(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     # pieces shared by training and generation
-    def embed_patches(self, token_states: torch.Tensor, cu_tokens: torch.Tensor, max_patch_length: int):
+    def embed_patches(self, token_states: torch.Tensor, cu_tokens: torch.Tensor,
+                      max_patch_length: int) -> torch.Tensor:
         """Encoder states [N, D] of packed patches -> patch vectors [P, D]: max-pool, then cross-attention."""
         pooled = dk.patch_gather(token_states, cu_tokens, reduce="max")
         return self.refiner(pooled, token_states, cu_tokens, max_patch_length)
 
-    def embed_padded_patches(self, token_states: torch.Tensor, lengths: torch.Tensor):
+    def embed_padded_patches(self, token_states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """embed_patches for patches padded to L tokens by repeating their own tokens (incremental decoding):
         token_states [P, L, D], lengths int32 [P] (real tokens of each) -> patch vectors [P, D]; no host read."""
         return self.refiner.forward_padded(token_states.amax(1), token_states, lengths)
 
-    def run_global(self, rows, positions, cu_seqlens=None, max_seqlen=None, cache=None):
+    def run_global(self, rows: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                   max_seqlen: int | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Global rows [G, D] with (row, col_start, col_end) positions [G, 3] -> normed outputs [G, D]."""
         rope = self.patch_rope(positions, rows.dtype)
         return self.global_norm(self.global_stack(rows, rope, cu_seqlens, max_seqlen, cache))
 
-    def decode(self, inputs, condition, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+    def decode(self, inputs: torch.Tensor, condition: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """inputs [N, D] (encoder state of the previous token), condition [N, layers*D] -> logits [N, V]."""
         h = inputs
         for i, (block, cond) in enumerate(zip(self.decoder, condition.chunk(len(self.decoder), dim=1))):
@@ -101,16 +121,33 @@ class DPAR(nn.Module):
                              states.view(batch, length, -1)[:, :-1]], dim=1).reshape(batch * length, -1)
         return self.decode(shifted, condition, rope, cu_images, length)
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, patches: PatchBatch) -> torch.Tensor:
-        """Mean token cross-entropy (scalar)."""
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+             patches: PatchBatch | None = None) -> torch.Tensor:
+        """Mean token cross-entropy (scalar). Every model's loss has this signature; DPAR needs ``labels`` and
+        ``patches`` (ValueError without them)."""
+        if labels is None or patches is None:
+            raise ValueError("DPAR.loss needs labels (int64 [B]) and patches (a PatchBatch of the tokens)")
         logits = self.forward(tokens, labels, patches)
         return nn.functional.cross_entropy(logits.float(), tokens.reshape(-1))
 
-    def generate(self, class_labels, *, entropy_model, threshold, max_patch_size, cfg_scale=1.0, temperature=1.0,
-                 top_k=None, top_p=None, generator=None, return_patches=False, compile=False):
-        """Samples token grids int64 [B, H*W] with KV caches; see dpar.generation.generate_dpar.
+    def training_flops(self, tokens: torch.Tensor, patches: PatchBatch | None = None) -> float:
+        """Analytic FLOPs of one training step (forward + backward) on ``patches`` (dpar.flops); ``tokens`` is
+        not read (the patches give the shapes)."""
+        if patches is None:
+            raise ValueError("DPAR.training_flops needs patches (a PatchBatch)")
+        return float(flops.dpar_training_flops(self.config, patches)["total"])
+
+    def generate(self, class_labels: torch.Tensor | Sequence[int], *, entropy_model: EntropyModel | None = None,
+                 threshold: float | torch.Tensor | None = None, max_patch_size: int | None = None,
+                 cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, return_patches: bool = False,
+                 compile: bool | str = False) -> torch.Tensor | tuple[torch.Tensor, PatchBatch]:
+        """Samples token grids int64 [B, H*W] with KV caches; see dpar.model.generation.generate_dpar.
         With return_patches=True returns (tokens, PatchBatch of the patches used). compile=True runs the per-token
-        step as one torch.compile graph (same tokens; a str picks the torch.compile mode)."""
+        step as one torch.compile graph (same tokens; a str picks the torch.compile mode). Every model's generate
+        has this signature; DPAR needs ``entropy_model``, ``threshold`` and ``max_patch_size`` (ValueError)."""
+        if entropy_model is None or threshold is None or max_patch_size is None:
+            raise ValueError("DPAR.generate needs entropy_model, threshold and max_patch_size")
         from .generation import generate_dpar
         tokens, patches = generate_dpar(self, class_labels, entropy_model=entropy_model, threshold=threshold,
                                         max_patch_size=max_patch_size, cfg_scale=cfg_scale,

@@ -1,7 +1,7 @@
 """Sampling without a KV cache: every token is predicted by a full forward over its whole prefix.
 
-O(T^2) work per image. It is the reference the cached samplers of dpar.generation are tested against, and the
-baseline of the sampling benchmark. Same sampling arguments and outputs as dpar.generation.
+O(T^2) work per image. It is the reference the cached samplers of dpar.model.generation are tested against, and the
+baseline of the sampling benchmark. Same sampling arguments and outputs as dpar.model.generation.
 """
 import torch
 

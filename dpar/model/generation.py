@@ -12,8 +12,8 @@ is one function of tensors and caches, with the position taken from the cache le
 int), so ``compile=True`` runs it as one torch.compile graph (fullgraph, static shapes) that never recompiles across
 tokens. Its sampling noise is drawn eagerly from the generator (sampling.sampling_noise), so compiled and eager
 runs give the same tokens. DPAR's global step (a data-dependent number of rows and patch length) compiles with
-dynamic shapes into a few graphs, one per specialization (all images or some, one image, one-token patches):
-compiled, it measured 1.01-1.10x faster than eager next to the compiled per-token step (benchmarks/RESULTS.md).
+dynamic shapes into a few graphs, one per specialization (all images or some, one image, one-token patches).
+Measured speeds of both: benchmarks/RESULTS.md (sampling rows; data in benchmarks/results/).
 """
 import functools
 
@@ -58,10 +58,8 @@ def _step_function(step, compile, dynamic: bool = False):
     """``step`` itself (compile False, the default) or its compiled version (compile True: torch.compile's default
     mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
 
-    Measured on the idle 2-core CPU (benchmarks/bench_sampling.py, width 256, 1+4+2 layers): compiled / eager
-    images/s 1.18-1.47x in every case at batch 1 and 16, after 20-60 s of compile time per graph when inductor's
-    cache is cold (0-28 s warm); so compile stays off by default (benchmarks/RESULTS.md, "Decode-shape linear
-    layers").
+    Compiled sampling is faster per image once compiled, but each graph first pays inductor's compile time, so
+    compile stays off by default (``python -m benchmarks.bench_sampling`` measures both; benchmarks/RESULTS.md).
     "reduce-overhead" (CUDA graphs) is not run on a GPU: the caches are fresh tensors mutated in place, which CUDA
     graph trees may refuse to capture."""
     if compile is False:

@@ -1,10 +1,16 @@
 """Packed patch batches: offsets and positions of the patches of a batch of token grids."""
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 import dpar_kernels as dk
 from dpar_kernels import mark_validated
+
+if TYPE_CHECKING:
+    from .entropy_model import EntropyModel
 
 
 _TENSORS = ("patch_lengths", "cu_patches", "cu_tokens", "positions", "cu_global", "patch_rows")
@@ -51,13 +57,13 @@ class PatchBatch:
         """int64 [P]: the image index of every patch."""
         return self.patch_rows.long() - torch.arange(1, self.num_patches + 1, device=self.patch_rows.device)
 
-    def _mark_offsets(self) -> "PatchBatch":
+    def _mark_offsets(self) -> PatchBatch:
         """Tells the ops that the offsets are valid (checked on the host), so they never read them back."""
         mark_validated(self.cu_tokens, self.num_tokens, self.max_patch_length)
         mark_validated(self.cu_global, self.num_patches + self.num_images, self.max_global_length)
         return self
 
-    def to(self, device) -> "PatchBatch":
+    def to(self, device) -> PatchBatch:
         """All tensors moved with one copy (from pinned memory and non-blocking from the host to a GPU)."""
         device = torch.device(device)
         tensors = [getattr(self, k) for k in _TENSORS]
@@ -72,14 +78,14 @@ class PatchBatch:
         return PatchBatch(**moved, max_patch_length=self.max_patch_length, max_global_length=self.max_global_length,
                           tokens_per_image=self.tokens_per_image, grid_width=self.grid_width)._mark_offsets()
 
-    def image(self, b: int) -> "PatchBatch":
+    def image(self, b: int) -> PatchBatch:
         """The PatchBatch of image b alone."""
         start, end = (int(v) for v in self.cu_patches[b:b + 2].tolist())
         lengths = self.patch_lengths[start:end]
         return PatchBatch.from_lengths(lengths, torch.tensor([0, end - start], dtype=torch.int32), self.grid_width)
 
     @staticmethod
-    def from_lengths(patch_lengths: torch.Tensor, cu_patches: torch.Tensor, grid_width: int) -> "PatchBatch":
+    def from_lengths(patch_lengths: torch.Tensor, cu_patches: torch.Tensor, grid_width: int) -> PatchBatch:
         """From dk.entropy_patch_lengths' output, on the device of ``patch_lengths``. Built and validated on the
         host (device inputs are read back once). Every image must have the same token count and no patch may cross
         a grid row (both raise ValueError)."""
@@ -118,7 +124,8 @@ class PatchBatch:
 class Patcher:
     """tokens int64 [B, T] -> PatchBatch, boundaries from the entropy model (dk.entropy_patch_lengths)."""
 
-    def __init__(self, entropy_model, threshold: float, max_patch_size: int, row_width: int | None = None):
+    def __init__(self, entropy_model: EntropyModel, threshold: float | torch.Tensor, max_patch_size: int,
+                 row_width: int | None = None):
         self.entropy_model, self.threshold, self.max_patch_size = entropy_model, threshold, max_patch_size
         self.row_width = entropy_model.config.grid_width if row_width is None else row_width
 

@@ -265,7 +265,7 @@ class VQTokenizer(nn.Module):
         torch.save(payload, path)
 
     @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> "VQTokenizer":
+    def load(cls, path: str, device: str | torch.device = "cpu") -> VQTokenizer:
         """A tokenizer from LlamaGen's ``vq_ds16_c2i.pt`` (or a file ``save`` wrote), in eval mode on ``device``.
 
         FileNotFoundError saying where to download the official weights when ``path`` does not exist.

@@ -94,11 +94,11 @@ class Progress:
                   f"{100 * share:.0f}% of the FLOP budget, {elapsed:.0f}s, ~{left:.0f}s left", flush=True)
 
 
-def _nll_function(kind: str, val, val_table, batch_size: int):
+def _nll_function(val, val_table, batch_size: int):
     source = None if val_table is None else objectives.PatchSource(table=val_table)
 
     def nll(model) -> float:
-        return objectives.heldout_loss(objectives.LossModule(kind, model, val.grid_width), val, source, batch_size)
+        return objectives.heldout_loss(objectives.LossModule(model, val.grid_width), val, source, batch_size)
     return nll
 
 
@@ -113,7 +113,7 @@ def budget_run(name: str, kind: str, patching: str, out: str, settings: dict, se
     if train_table is not None:
         patches = os.path.join(run_dir, "patches.pt")
         train_table.save(patches)
-    progress = Progress(name, budget, settings["points"], _nll_function(kind, val, val_table, settings["batch_size"]))
+    progress = Progress(name, budget, settings["points"], _nll_function(val, val_table, settings["batch_size"]))
     print(f"training {name} ({patching}) to {budget:.3e} FLOPs", flush=True)
     started = time.perf_counter()
     records = train_model(kind, train_dir, run_dir, settings, seed, flop_budget=budget, patches=patches,
@@ -192,7 +192,7 @@ def patch_size_tolerance(run_dir: str, val, val_entropies: torch.Tensor, thresho
         raised = threshold if raise_ == 0 else float(values.quantile(below + raise_ * (1 - below)))
         for size in EVAL_PATCH_SIZES:
             table = patchify.PatchTable.from_entropies(val_entropies, raised, size, val.grid_width)
-            nll = _nll_function("dpar", val, table, batch_size)(model)
+            nll = _nll_function(val, table, batch_size)(model)
             rows.append({"threshold": raised, "threshold_raise": raise_, "max_patch_size": size,
                          "global_steps_per_image": table.patch_lengths.numel() / len(table),
                          "reduction": table.reduction, "heldout_nll": nll})

@@ -79,7 +79,7 @@ def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 
 
 def _sample_grid(model, kind, entropy_model, threshold, max_patch_size, tokenizer, dataset, per_class, path, seed):
     labels = torch.arange(dataset.num_classes).repeat_interleave(per_class)
-    tokens, _, _ = sample.sample_tokens(model, kind, labels, entropy_model=entropy_model, threshold=threshold,
+    tokens, _, _ = sample.sample_tokens(model, labels, entropy_model=entropy_model, threshold=threshold,
                                         max_patch_size=max_patch_size, seed=seed)
     images = tokenizer.decode(tokens.reshape(-1, dataset.grid_height, dataset.grid_width), 64)
     sample.save_image_grid(images, path, per_class, [f"class {c}" for c in range(dataset.num_classes)])

@@ -235,7 +235,7 @@ def write_fid_samples(args: argparse.Namespace) -> str:
         if all(os.path.exists(path) for path in paths):
             continue
         labels = torch.tensor(list(indices), device=args.device) % config["num_classes"]
-        tokens, _, _ = sample_tokens(model, args.kind, labels, entropy_model=entropy_model, threshold=args.threshold,
+        tokens, _, _ = sample_tokens(model, labels, entropy_model=entropy_model, threshold=args.threshold,
                                      max_patch_size=args.max_patch_size, cfg_scale=args.cfg_scale,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      seed=args.seed + batch)
@@ -273,7 +273,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             entropy_model, _ = load_model(args.entropy_ckpt, "entropy", args.device)
             source = PatchSource(entropy_model=entropy_model, threshold=args.threshold,
                                  max_patch_size=args.max_patch_size, grid_width=dataset.grid_width)
-        loss_module = LossModule(args.kind, model, dataset.grid_width)
+        loss_module = LossModule(model, dataset.grid_width)
         results["heldout_nll"] = heldout_loss(loss_module, dataset, source, args.batch_size, args.device)
     if args.log and args.target_loss is not None:
         results["flops_to_target"] = flops_to_target(read_log(args.log), args.target_loss, args.target_key,

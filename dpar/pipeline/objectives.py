@@ -1,5 +1,5 @@
-"""The training objective shared by `dpar train` and `dpar evaluate`: the loss of each model kind, the patches of a
-batch, batch loading and the held-out loss."""
+"""The training objective shared by `dpar train` and `dpar evaluate`: the loss module, the patches of a batch, batch
+loading and the held-out loss."""
 from __future__ import annotations
 
 import math
@@ -13,12 +13,12 @@ from ..model.patcher import PatchBatch
 
 
 class LossModule(nn.Module):
-    """forward(tokens, labels, patches) -> the model's training loss (DDP hooks forward only); ``patches`` is the
-    PatchBatch from ``patch_batch`` (DPAR) or None."""
+    """forward(tokens, labels, patches) -> ``model.loss(tokens, labels, patches)``, the training loss of any of the
+    three models (DDP hooks forward only); ``patches`` is the PatchBatch from ``patch_batch`` (DPAR) or None."""
 
-    def __init__(self, kind: str, model: nn.Module, grid_width: int):
+    def __init__(self, model: nn.Module, grid_width: int):
         super().__init__()
-        self.kind, self.model, self.grid_width = kind, model, grid_width
+        self.model, self.grid_width = model, grid_width
 
     def patch_batch(self, lengths_and_offsets, device) -> PatchBatch | None:
         """(patch_lengths, cu_patches) from a PatchSource (or None) -> the PatchBatch, built and validated on the
@@ -27,11 +27,7 @@ class LossModule(nn.Module):
             return None
         return PatchBatch.from_lengths(*lengths_and_offsets, self.grid_width).to(device)
 
-    def forward(self, tokens, labels, patches: PatchBatch | None = None):
-        if self.kind == "entropy":
-            return self.model.loss(tokens)
-        if self.kind == "baseline":
-            return self.model.loss(tokens, labels)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, patches: PatchBatch | None = None) -> torch.Tensor:
         return self.model.loss(tokens, labels, patches)
 
 

@@ -78,7 +78,7 @@ class PatchTable:
 
     @classmethod
     def from_entropies(cls, entropies: torch.Tensor, threshold: float, max_patch_size: int,
-                       grid_width: int) -> "PatchTable":
+                       grid_width: int) -> PatchTable:
         lengths, cu = dk.entropy_patch_lengths(entropies, threshold=threshold, max_patch_size=max_patch_size,
                                                row_width=grid_width)
         return cls(lengths, cu, entropies, threshold, max_patch_size, grid_width)
@@ -105,7 +105,7 @@ class PatchTable:
                     "max_patch_size": self.max_patch_size, "grid_width": self.grid_width}, path)
 
     @classmethod
-    def load(cls, path: str, dataset=None) -> "PatchTable":
+    def load(cls, path: str, dataset=None) -> PatchTable:
         """Load a patchify file; with ``dataset``, check it describes that dataset (ValueError naming the file)."""
         try:
             saved = torch.load(path, weights_only=True)

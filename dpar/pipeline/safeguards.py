@@ -122,7 +122,7 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
             for signum in self.SIGNALS:

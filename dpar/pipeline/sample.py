@@ -21,20 +21,16 @@ def _pyplot():
 
 
 @torch.no_grad()
-def sample_tokens(model, kind: str, labels: torch.Tensor, *, entropy_model=None, threshold=None, max_patch_size=4,
+def sample_tokens(model, labels: torch.Tensor, *, entropy_model=None, threshold=None, max_patch_size=4,
                   cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, seed=0, compile=False):
-    """(tokens int64 [B, T], patch_lengths int32 [P] or None, cu_patches int32 [B+1] or None). ``compile``: see
-    model.generate (the same tokens)."""
+    """(tokens int64 [B, T], patch_lengths int32 [P] or None, cu_patches int32 [B+1] or None) from any model's
+    generate (DPAR needs ``entropy_model`` and ``threshold``). ``compile``: see model.generate (the same tokens)."""
     generator = torch.Generator(labels.device).manual_seed(seed)
-    knobs = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                 compile=compile)
-    if kind == "baseline":
-        return model.generate(labels, **knobs), None, None
-    if entropy_model is None or threshold is None:
-        raise ValueError("sampling dpar needs an entropy model and a threshold")
     tokens, patches = model.generate(labels, entropy_model=entropy_model, threshold=threshold,
-                                     max_patch_size=max_patch_size, return_patches=True, **knobs)
-    return tokens, patches.patch_lengths, patches.cu_patches
+                                     max_patch_size=max_patch_size, cfg_scale=cfg_scale, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, generator=generator, return_patches=True,
+                                     compile=compile)
+    return (tokens, None, None) if patches is None else (tokens, patches.patch_lengths, patches.cu_patches)
 
 
 def image_decoder(tokenizer_path: str | None, vq_ckpt: str | None, vocab_size: int, image_size: int | None = None,
@@ -128,8 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the per-token step (the same tokens; pays ~30 s+ of compile time per "
-                        "graph, so it wins for long runs: benchmarks/RESULTS.md, 'Compiled sampling')")
+                        help="torch.compile the per-token step (the same tokens; pays inductor's compile time per "
+                        "graph first, so it wins for long runs: benchmarks/RESULTS.md)")
     parser.add_argument("--image-size", type=int, help="size of each decoded image (default: 64 for the palette "
                         "tokenizer, the VQ's own 16 x grid)")
     parser.add_argument("--out", required=True, help="output PNG of the sample grid")
@@ -148,7 +144,7 @@ def main(args: argparse.Namespace) -> None:
     entropy_model = load_model(args.entropy_ckpt, "entropy", args.device)[0] if args.entropy_ckpt else None
     classes = args.classes if args.classes else list(range(info["config"]["num_classes"]))
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
-    tokens, _, _ = sample_tokens(model, args.kind, labels, entropy_model=entropy_model,
+    tokens, _, _ = sample_tokens(model, labels, entropy_model=entropy_model,
                                  threshold=args.threshold, max_patch_size=args.max_patch_size,
                                  cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed, compile=args.compile)

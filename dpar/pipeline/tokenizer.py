@@ -81,7 +81,7 @@ class PaletteTokenizer:
 
     @classmethod
     def fit(cls, images: torch.Tensor, num_colors: int = 256, grid_size: int = 16, iterations: int = 10,
-            max_pixels: int = 100_000, seed: int = 0) -> "PaletteTokenizer":
+            max_pixels: int = 100_000, seed: int = 0) -> PaletteTokenizer:
         """Fit the palette on (at most ``max_pixels`` sampled) grid cells of images float [B, 3, H, W]."""
         cells = cls._downsample(images, grid_size).permute(0, 2, 3, 1).reshape(-1, 3)
         generator = torch.Generator().manual_seed(seed)
@@ -122,7 +122,7 @@ class PaletteTokenizer:
         save_file({"palette": self.palette}, path, metadata={"format": FORMAT, "grid_size": str(self.grid_size)})
 
     @classmethod
-    def load(cls, path: str) -> "PaletteTokenizer":
+    def load(cls, path: str) -> PaletteTokenizer:
         from safetensors import safe_open
 
         try:

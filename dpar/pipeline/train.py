@@ -4,7 +4,7 @@ AdamW with LlamaGen's defaults (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on
 at 1.0, --precision autocast (bf16 on GPU). The data order and every random draw of step s are pure functions of
 (seed, s, rank), so a run resumed from a checkpoint continues exactly (bitwise on CPU). DDP starts from torchrun's
 environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU; --batch-size is the global batch. Outputs in --out:
-checkpoint.safetensors (see dpar.checkpoint) and log.jsonl (one JSON record per step).
+checkpoint.safetensors (see dpar.pipeline.checkpoint) and log.jsonl (one JSON record per step).
 
 Safeguards (dpar.pipeline.safeguards): arguments are checked before any work; SIGINT/SIGTERM finish the current
 step, checkpoint it and exit non-zero; a NaN/inf loss or gradient norm stops training with an error before that step
@@ -13,7 +13,6 @@ is saved; --resume needs a checkpoint and refuses changed settings (listing them
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -29,8 +28,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenGridDataset
 from .objectives import LossModule, PatchSource, heldout_loss, load_batch
 from .runlog import read_log
-from .safeguards import (StopSignals, TrainingInterrupted, check_finite_step, check_resume, trajectory_settings,
-                         validate_train_args)
+from .safeguards import (
+    StopSignals,
+    TrainingInterrupted,
+    check_finite_step,
+    check_resume,
+    trajectory_settings,
+    validate_train_args,
+)
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -64,22 +69,6 @@ def precision_context(precision: str | None, device: torch.device):
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def step_flops(kind: str, model: nn.Module, batch, patches) -> float:
-    """Training FLOPs (forward + backward) of one step on this rank's batch: dpar.flops for DPAR and the baseline,
-    a FlopCounterMode count of one step of a scratch copy for the entropy model (its steps all cost the same)."""
-    if kind == "dpar":
-        from ..model import flops
-        return float(flops.dpar_training_flops(model.config, patches)["total"])
-    if kind == "baseline":
-        from ..model import flops
-        return float(flops.baseline_training_flops(model.config, batch[0].shape[0])["total"])
-    from torch.utils.flop_counter import FlopCounterMode
-    probe = build_model(kind, dataclasses.asdict(model.config)).to(batch[0].device)
-    with FlopCounterMode(display=False) as counter:
-        LossModule(kind, probe, 0)(*batch, patches).backward()
-    return float(counter.get_total_flops())
 
 
 class Distributed:
@@ -166,7 +155,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     patch_source = _patch_source(args, dataset, env.device)
-    loss_module = LossModule(args.kind, model, dataset.grid_width)
+    loss_module = LossModule(model, dataset.grid_width)
     trainer = loss_module
     if env.world > 1:
         trainer = nn.parallel.DistributedDataParallel(
@@ -176,7 +165,6 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
     if args.batch_size % env.world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size {env.world}")
     local_batch = args.batch_size // env.world
-    entropy_flops = None
     progress = _progress(args, step, env.rank)
     model.train()
     while (args.steps is None or step < args.steps) and (args.flop_budget is None or cum_flops < args.flop_budget):
@@ -197,12 +185,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        if args.kind == "entropy":
-            entropy_flops = entropy_flops or step_flops(args.kind, model, (tokens, labels), patches)
-            flops_now = entropy_flops
-        else:
-            flops_now = step_flops(args.kind, model, (tokens, labels), host_patches)
-        flops_now = env.sum(flops_now)
+        flops_now = env.sum(model.training_flops(tokens, host_patches))  # this rank's batch
         # the step's one host read: loss, gradient norm and (fp16) the loss scale after the update
         logged = [loss.detach().float(), grad_norm.float()]
         if scaler.is_enabled():

@@ -135,6 +135,6 @@ def test_sample_command_forwards_compile(graphs):
     assert parser.parse_args([*common, "--compile"]).compile and not parser.parse_args(common).compile
     _, _, baseline, _ = tiny_models(torch.float32, grid_height=2)
     labels = torch.tensor([4, 6])
-    tokens, _, _ = sample.sample_tokens(baseline, "baseline", labels, temperature=1.0, seed=3, compile=True)
+    tokens, _, _ = sample.sample_tokens(baseline, labels, temperature=1.0, seed=3, compile=True)
     assert graphs["_baseline_step"] == 1
-    assert torch.equal(tokens, sample.sample_tokens(baseline, "baseline", labels, temperature=1.0, seed=3)[0])
+    assert torch.equal(tokens, sample.sample_tokens(baseline, labels, temperature=1.0, seed=3)[0])

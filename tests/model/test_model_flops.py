@@ -47,3 +47,26 @@ def test_flop_breakdown_is_consistent():
     base = flops.baseline_training_flops(config, batch_size=2)
     assert small["total"] < base["total"], "4-token patches must save FLOPs against the baseline"
     assert base["total"] > 0 and base["forward"] * 2 < base["backward"] < base["forward"] * 3
+
+
+def test_every_model_has_one_loss_flops_and_generate_signature():
+    config, model, baseline, entropy_model = tiny_models(torch.float32, class_dropout=0.0)
+    tokens, labels, patches, _ = random_batch(config, images=3, max_len=3, seed=3)
+    torch.manual_seed(0)
+    assert torch.equal(entropy_model.loss(tokens, labels, patches), entropy_model.loss(tokens))
+    assert torch.equal(baseline.loss(tokens, labels, patches), baseline.loss(tokens, labels))
+    with pytest.raises(ValueError, match="patches"):
+        model.loss(tokens, labels)
+    with pytest.raises(ValueError, match="labels"):
+        baseline.loss(tokens)
+    assert model.training_flops(tokens, patches) == flops.dpar_training_flops(config, patches)["total"]
+    assert baseline.training_flops(tokens) == flops.baseline_training_flops(config, batch_size=3)["total"]
+    measured = _counted(lambda: entropy_model.loss(tokens).backward())
+    assert entropy_model.training_flops(tokens, patches) == measured > 0
+    # generate: the baseline takes (and ignores) DPAR's patch arguments; DPAR names the ones it misses
+    plain = baseline.generate([1, 2], generator=torch.Generator().manual_seed(0))
+    tokens_and_none = baseline.generate([1, 2], entropy_model=entropy_model, threshold=1.0, max_patch_size=4,
+                                        generator=torch.Generator().manual_seed(0), return_patches=True)
+    assert torch.equal(tokens_and_none[0], plain) and tokens_and_none[1] is None
+    with pytest.raises(ValueError, match="entropy_model, threshold and max_patch_size"):
+        model.generate([1, 2], threshold=1.0, max_patch_size=4)

@@ -258,4 +258,4 @@ def test_heldout_loss_of_a_nan_model_is_an_error(tmp_path, dataset):
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="held-out loss is nan"):
-        heldout_loss(LossModule("baseline", model, 4), TokenGridDataset(str(dataset)), batch_size=8)
+        heldout_loss(LossModule(model, 4), TokenGridDataset(str(dataset)), batch_size=8)

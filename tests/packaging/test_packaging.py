@@ -128,18 +128,68 @@ def test_benchmarks_refuse_to_run_without_the_extension(tmp_path):
     assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
 
 
-def test_benchmark_report_states_mode_and_load_and_fills_gflops(tmp_path):
+MACHINE = {"cpu_model": "Test CPU (family 1, model 2)", "isa": "avx2", "cores": 2, "threads": 2, "gpu": "",
+           "python": "3.11.7", "torch": "2.13.0", "triton": "", "commit": "abc1234"}
+
+
+def test_benchmark_report_writes_results_as_data_and_a_summary(tmp_path, monkeypatch):
+    import csv
+
     from benchmarks import report
     rows = [("attention", "padded sdpa", 0.02, True, None), ("attention", "dpar cpu", 0.001, False, 4e7)]
     data = {"benchmarks": [{"name": impl, "group": group, "stats": {"mean": mean, "stddev": 0.0, "rounds": 3},
-                            "extra_info": {"impl": impl, "baseline": base, **({"flops": flops} if flops else {})}}
+                            "extra_info": {"impl": impl, "shape": "4 sequences", "baseline": base,
+                                           **({"flops": flops} if flops else {})}}
                            for group, impl, mean, base, flops in rows],
-            "dpar": {"mode": "quick", "loadavg_start": [3.5, 2.0, 1.0], "loadavg_end": [4.0, 2.5, 1.5],
-                     "cpu_count": 2}}
+            "dpar": {"mode": "quick", "command": "DPAR_BENCH_QUICK=1 pytest benchmarks", "machine": MACHINE,
+                     "loadavg_start": [3.5, 2.0, 1.0], "loadavg_end": [4.0, 2.5, 1.5], "cpu_count": 2}}
     (tmp_path / "b.json").write_text(json.dumps(data))
-    report.main(["--json", str(tmp_path / "b.json"), "--out", str(tmp_path)])
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "test-cpu-avx2-quick.md").write_text("Rows of a test run.\n")  # a file's note goes under its heading
+    monkeypatch.setattr(report, "RESULTS_DIR", str(results))
+    monkeypatch.setattr(report, "SUMMARY", str(tmp_path / "RESULTS.md"))
+    report.main(["--json", str(tmp_path / "b.json"), "--out", str(tmp_path), "--save"])
     text = (tmp_path / "report.md").read_text()
-    assert "mode: **quick**" in text and "3.50/2.00/1.00 at the start" in text
-    assert "| padded sdpa | yes | 20.000 | 0.000 | 3 | 1.00x | 2 |" in text
-    assert "| dpar cpu |  | 1.000 | 0.000 | 3 | 20.00x | 40 |" in text
+    assert "Test CPU (family 1, model 2), ISA path avx2, 2 cores, torch threads 2" in text
+    assert "commit `abc1234`, quick mode" in text and "`DPAR_BENCH_QUICK=1 pytest benchmarks`" in text
+    assert "3.50/2.00/1.00 at the start" in text
+    assert "| attention | 4 sequences | dpar cpu | 1 ms | padded sdpa 20 ms | **20.00x** |" in text
+    assert "| padded sdpa |" not in text, "timed baselines appear as the baseline of their group only"
+    with open(tmp_path / "results.csv") as f:
+        table = {r["implementation"]: r for r in csv.DictReader(f)}
+    assert table["dpar cpu"]["speedup"] == "20" and table["dpar cpu"]["gflops_per_s"] == "40"
+    assert table["padded sdpa"]["gflops_per_s"] == "2", "a baseline row takes its group's workload FLOPs"
+    assert {table["dpar cpu"][k] for k in ("isa", "commit", "mode", "shape")} == {"avx2", "abc1234", "quick",
+                                                                               "4 sequences"}
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
     assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+    saved = results / "test-cpu-avx2-quick.csv"
+    assert saved.read_text() == (tmp_path / "results.csv").read_text()
+    summary = (tmp_path / "RESULTS.md").read_text()
+    assert "## [test-cpu-avx2-quick.csv](results/test-cpu-avx2-quick.csv)\n\nRows of a test run.\n" in summary
+    assert "**20.00x**" in summary and "gpu_check.sh" in summary
+
+
+def test_machine_reads_cpu_model_and_isa_from_cpuinfo():
+    from benchmarks import machine
+    cpuinfo = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fma avx2 sse\n"
+    assert machine.cpu_model(cpuinfo) == "AMD EPYC 7B13 (family 25, model 1)"
+    assert machine.isa_from_flags({"fma", "avx2"}) == "avx2"
+    assert machine.isa_from_flags({"fma", "avx2", "avx512f"}) == "avx512"
+    assert machine.isa_from_flags({"avx2"}) == "default" and machine.isa_from_flags(set()) == "default"
+    info = machine.machine_info()
+    assert set(info) == set(MACHINE) and info["cores"] >= 1 and info["isa"] in ("avx512", "avx2", "default")
+
+
+def test_gpu_bench_rows_become_report_rows():
+    from benchmarks import gpu_bench, report
+    rows = gpu_bench.with_ratios([{"group": "memory", "case": "gather", "impl": "device-copy", "GB/s": 100.0},
+                                  {"group": "memory", "case": "gather", "impl": "dk-cuda", "GB/s": 50.0},
+                                  {"group": "memory", "case": "gather", "impl": "dk-triton", "error": "boom"}])
+    out = gpu_bench.result_rows(rows, {**MACHINE, "gpu": "H200", "mode": "gpu bfloat16"}, "32 images")
+    assert [r["implementation"] for r in out] == ["device-copy", "dk-cuda"], "a failed row has no figure"
+    dk_row = out[1]
+    assert set(dk_row) == set(report.FIELDS) and dk_row["backend"] == "cuda" and dk_row["gpu"] == "H200"
+    assert (dk_row["value"], dk_row["unit"], dk_row["speedup"], dk_row["fastest_baseline"]) == (
+        50.0, "GB/s", 0.5, "device-copy")
