@@ -10,6 +10,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 # On a machine with a GPU the Triton kernels compile for real (TRITON_INTERPRET=1 set by hand forces the interpreter).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend=None runs the C++ kernels on CPU tensors in the tests and in every process they start, whatever this
+# machine's measured choice (dpar_kernels/cpu_choice.json) says; tests/ops/test_cpu_choice.py tests the choice itself.
+os.environ["DPAR_CPU_CHOICE"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                             "cpu_choice_all_cpu.json")
 
 
 # Two tiers: the default fast tier (`pytest`, a few minutes) leaves out what builds, compiles or trains: these
@@ -37,19 +41,6 @@ def pytest_collection_modifyitems(config, items):
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _cpu_kernels_by_default():
-    """backend=None runs the C++ kernels on CPU tensors in the tests, whatever this machine's measured choice
-    (dpar_kernels/cpu_choice.json) says, so every test exercises them; tests/ops/test_cpu_choice.py tests the
-    choice itself."""
-    from dpar_kernels import _cpu_choice
-
-    shipped = _cpu_choice.table()
-    _cpu_choice.set_table({_cpu_choice.cpu_isa(): {"*": {"backend": "cpu"}}})
-    yield
-    _cpu_choice.set_table(shipped)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """backend=None on CPU tensors follows the measured choice (dpar_kernels/cpu_choice.json): the C++ kernel only where
 it was measured faster than the torch backend for this ISA path and shape class."""
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ CPU = torch.device("cpu")
 
 
 def _shipped() -> dict:
-    with open(_cpu_choice.TABLE_PATH) as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(_cpu_choice.__file__)), "cpu_choice.json")) as f:
         return json.load(f)
 
 
