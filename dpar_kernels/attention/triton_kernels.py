@@ -344,22 +344,23 @@ class _Tiles:
 
 
 # Per-kernel tiles for H100-class GPUs, keyed by (fp32 inputs, head dim > 64). Not timed on hardware: chosen so
-# that ptxas (sm_90a) reports no register spills, see scripts/triton_attention_ptxas.py. 16-bit inputs use
-# tensor cores; fp32 inputs (IEEE dot, no tensor cores) use smaller tiles.
+# that ptxas (sm_90a) reports no register spills with Triton 3.6, 3.8 and 3.9 (scripts/triton_attention_ptxas.py).
+# 16-bit inputs use tensor cores; fp32 inputs (IEEE dot, no tensor cores) use smaller tiles.
 _GPU_TILES = {
     "forward": {(False, False): _Tiles(128, 64, 8, 3), (False, True): _Tiles(128, 32, 8, 3),
                 (True, False): _Tiles(32, 32, 4, 2), (True, True): _Tiles(32, 16, 8, 2)},
     "dkdv": {(False, False): _Tiles(32, 128, 8, 3), (False, True): _Tiles(32, 64, 8, 3),
-             (True, False): _Tiles(32, 32, 8, 2), (True, True): _Tiles(16, 32, 8, 1)},
+             (True, False): _Tiles(32, 32, 8, 2), (True, True): _Tiles(16, 32, 4, 1)},
     "dq": {(False, False): _Tiles(128, 32, 8, 3), (False, True): _Tiles(64, 32, 8, 3),
            (True, False): _Tiles(64, 16, 8, 2), (True, True): _Tiles(32, 16, 8, 2)},
 }
 # Short ragged sequences (every sequence of both sides at most SHORT_SEQLEN, as DPAR's patches and per-image
-# token runs): 64-row tiles and 4 warps, so that a sequence fills whole tiles and a program's warps have rows to
-# work on; 16-bit inputs only (fp32 tiles are already this size). Not timed on hardware either.
+# token runs): tiles of at most 64 rows and 4 warps, so that a sequence fills whole tiles and a program's warps
+# have rows to work on; 16-bit inputs only (fp32 tiles are already this size). Not timed on hardware either; the
+# dK/dV tiles are the largest without spills.
 SHORT_SEQLEN = 128
 _SHORT_TILES = {"forward": {False: _Tiles(64, 64, 4, 2), True: _Tiles(64, 32, 4, 2)},
-                "dkdv": {False: _Tiles(64, 64, 4, 2), True: _Tiles(32, 64, 4, 2)},
+                "dkdv": {False: _Tiles(32, 64, 4, 2), True: _Tiles(32, 32, 4, 2)},
                 "dq": {False: _Tiles(64, 64, 4, 2), True: _Tiles(64, 32, 4, 2)}}
 _MIN_TILE = 16  # tl.dot needs every block dim >= 16
 _DELTA_ROWS, _DELTA_WARPS = 64, 8  # tokens per program of the delta = rowsum(dO * O) kernel
