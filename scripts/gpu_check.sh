@@ -21,7 +21,8 @@
 # --dry-run: the same plan on CPU (Triton interpreter, tiny shapes, a subset of the GPU tests; build, extension,
 # pytest-cuda and the sanitizer tools skipped with a note). tests/packaging/test_gpu_check_script.py runs it.
 # PYTHON selects the interpreter (default: python, else python3); DPAR_COMMIT names the commit where the tree has
-# no .git; GPU_CHECK_WORKERS the pytest-xdist workers (default: nproc, capped at 16; 0 without pytest-xdist).
+# no .git; GPU_CHECK_WORKERS the pytest-xdist workers (default: half the cores, at most 8; 0 without pytest-xdist);
+# GPU_CHECK_ARCH the arch to build for (default: the present GPU's, e.g. 9.0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]}
@@ -67,7 +68,7 @@ skip() {  # skip NAME REASON
   record "$1" "skipped: $2" 0 -
 }
 
-WORKERS=${GPU_CHECK_WORKERS:-$(n=$(nproc); echo $((n > 16 ? 16 : n)))}
+WORKERS=${GPU_CHECK_WORKERS:-$(n=$(($(nproc) / 2)); echo $((n > 8 ? 8 : n)))}  # the build has the other half
 "$PY" -c "import xdist" 2> /dev/null || WORKERS=0
 XDIST=()
 [ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS")
@@ -97,7 +98,7 @@ torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'tr
 torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())\"; git log -1 --format='commit %H' \
 2>/dev/null || echo 'commit ${DPAR_COMMIT:-unknown (no .git; set DPAR_COMMIT)}'; echo 'CUDA_HOME=${CUDA_HOME:-not \
 found}'; echo 'pytest workers: $WORKERS'; nproc"
-  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  ARCH=${GPU_CHECK_ARCH:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
   SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   # the toolkit may lack headers that torch's CUDA headers include: add the pip wheels' copies
   EXTRA_INCLUDE=$(ls -d "$SITE"/nvidia/*/include "$SITE"/nvidia/cu*/include 2> /dev/null | sort -u | paste -sd: -)
