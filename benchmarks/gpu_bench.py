@@ -1,6 +1,10 @@
-"""GPU benchmarks in bf16 at DPAR shapes (DPAR-L at 256px: 16 heads of 64, batch 32, ~1.8 tokens per patch).
+"""GPU benchmarks in bf16 at DPAR shapes (DPAR-L at 256px: 16 heads of 64, batch 32, ~1.8 tokens per patch) and
+one large shape per op (work far past launch overhead).
 
     python -m benchmarks.gpu_bench --out DIR [--dry-run]
+
+KV-cache decoding (dk.kvcache_attention, one new query per row): GB/s of the keys and values read, against
+torch's SDPA over the whole cache (no per-row lengths: the reads are the same bytes, the work a little more).
 
 Attention (the three DPAR shapes: the global transformer over patches, the local encoder/decoder over tokens,
 the one-query patch cross-attention): forward and forward+backward TFLOP/s of dk.varlen_attention on the cuda and
@@ -9,9 +13,11 @@ triton backends against torch's flash varlen attention (torch.nn.attention.varle
 implementation alike (dk's flop formula: 4 H d per attended pair forward, 10 backward). patch_gather /
 patch_scatter / token_entropy: GB/s (bytes read + written) against a device copy of the same bytes.
 Writes DIR/gpu_bench.json, DIR/gpu_bench.md and DIR/results.csv (benchmarks/report.py's rows: one per figure, with
-the machine and command; copy it to benchmarks/results/ to commit it). Each timing is the median of CUDA-event-timed
-repeats after a warm-up; an implementation that fails records its error instead of a time. --dry-run: CPU tensors,
-the Triton interpreter, tiny shapes and one repeat (checks the script, its numbers mean nothing).
+the machine and command; copy it to benchmarks/results/ to commit it) after every row. DPAR-shape calls take
+microseconds, so one timing covers as many back-to-back calls as fill TIMING_S (a timing from an idle GPU would
+measure Python launch gaps); the figure is the median over repeats of the time per call, after a warm-up. An
+implementation that fails records its error instead of a time. --dry-run: CPU tensors, the Triton interpreter, tiny
+shapes and one repeat (checks the script, its numbers mean nothing).
 """
 import argparse
 import functools
@@ -45,6 +51,24 @@ GPU_SHAPE = Shape(heads=16, head_dim=64, images=32, tokens=256, patch_ratio=1.8,
 DRY_SHAPE = Shape(heads=2, head_dim=32, images=2, tokens=16, patch_ratio=1.8, vocab=64, width=32)
 
 
+@dataclass(frozen=True)
+class Large:
+    """One large problem per op: attention over a few long sequences, decoding against a long cache, memory-bound
+    ops over many rows."""
+    sequences: int
+    seqlen: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rows: int  # patch_gather/scatter tokens and token_entropy rows
+
+
+GPU_LARGE = Large(sequences=8, seqlen=4096, heads=16, kv_heads=4, head_dim=128, rows=1 << 16)
+DRY_LARGE = Large(sequences=1, seqlen=32, heads=2, kv_heads=1, head_dim=32, rows=64)
+TIMING_S = 2e-3  # GPU time one timing aims to cover
+MAX_CALLS = 200  # calls per timing at most
+
+
 def patch_lengths(shape: Shape, generator) -> torch.Tensor:
     """int32 patch lengths (1..4, mean ~patch_ratio, never crossing an image) of every image, concatenated."""
     per_image = []
@@ -60,17 +84,26 @@ def patch_lengths(shape: Shape, generator) -> torch.Tensor:
 
 
 def timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``fn()`` after a warm-up call."""
+    """Median seconds per call of ``fn()``: each timing covers ``calls`` back-to-back calls, enough to fill
+    TIMING_S of GPU time (one call on CPU), after a warm-up call."""
     fn()
+    calls = 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        calls = max(1, min(MAX_CALLS, int(TIMING_S / max(time.perf_counter() - start, 1e-6))))
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / calls)
         else:
             t0 = time.perf_counter()
             fn()
@@ -116,8 +149,8 @@ def attention_impls(q, k, v, cu_q, cu_k, max_q, max_k, causal, on_gpu: bool) -> 
     return impls
 
 
-def bench_attention(shape: Shape, device, dtype, repeats: int, generator):
-    """Yields one row per (case, implementation)."""
+def bench_attention(shape: Shape, large: Large, device, dtype, repeats: int, generator):
+    """Yields one row per (case, implementation): the three DPAR shapes, then one large causal problem."""
     lengths = patch_lengths(shape, generator)
     patches_per_image = lengths.numel() // shape.images
     tokens = torch.full((shape.images,), shape.tokens, dtype=torch.int32)
@@ -125,13 +158,16 @@ def bench_attention(shape: Shape, device, dtype, repeats: int, generator):
     cases = {"global (patches, causal)": (global_lengths, global_lengths, True),
              "local (tokens, causal)": (tokens, tokens, True),
              "cross (1 query per patch)": (torch.ones_like(lengths), lengths, False)}
+    long = torch.full((large.sequences,), large.seqlen, dtype=torch.int32)
+    cases[f"large ({large.sequences} x {large.seqlen} tokens, d {large.head_dim}, causal)"] = (long, long, True)
     prepared = []
     for case, (lq, lk, causal) in cases.items():
+        heads, head_dim = (large.heads, large.head_dim) if case.startswith("large") else (shape.heads, shape.head_dim)
         cu_q, cu_k = dk.lengths_to_cu_seqlens(lq).to(device), dk.lengths_to_cu_seqlens(lk).to(device)
-        new = lambda n: torch.randn(n, shape.heads, shape.head_dim, device=device, dtype=dtype,  # noqa: E731
+        new = lambda n: torch.randn(n, heads, head_dim, device=device, dtype=dtype,  # noqa: E731
                                     requires_grad=True)
         q, k, v = new(int(cu_q[-1])), new(int(cu_k[-1])), new(int(cu_k[-1]))
-        flops = 4 * shape.heads * shape.head_dim * attended_pairs(cu_q, cu_k, causal)
+        flops = 4 * heads * head_dim * attended_pairs(cu_q, cu_k, causal)
         impls = attention_impls(q, k, v, cu_q, cu_k, int(lq.max()), int(lk.max()), causal, device.type == "cuda")
         prepared.append((case, int(lq.numel()), flops, impls))
     # implementation by implementation, so the slow-to-compile FlexAttention comes last if the step times out
@@ -162,8 +198,16 @@ def _bandwidth_row(group, case, name, fn, moved_bytes, device, repeats) -> dict:
     return row
 
 
-def bench_memory_bound(shape: Shape, device, dtype, repeats: int, generator):
-    """Yields one row per (op, implementation), the device copy of the same bytes first."""
+def bench_memory_bound(shape: Shape, large: Large, device, dtype, repeats: int, generator):
+    """Yields one row per (op, shape, implementation), the device copy of the same bytes first: the DPAR shape,
+    then ``large.rows`` tokens (patches from the same length distribution)."""
+    yield from _memory_bound_rows(shape, "", device, dtype, repeats, generator)
+    images = max(1, large.rows // shape.tokens)
+    yield from _memory_bound_rows(Shape(**{**shape.__dict__, "images": images}), f" large ({images * shape.tokens} "
+                                  "tokens)", device, dtype, repeats, generator)
+
+
+def _memory_bound_rows(shape: Shape, suffix: str, device, dtype, repeats: int, generator):
     lengths = patch_lengths(shape, generator)
     cu = dk.lengths_to_cu_seqlens(lengths).to(device)
     total, patches, size = shape.images * shape.tokens, lengths.numel(), torch.finfo(dtype).bits // 8
@@ -172,11 +216,11 @@ def bench_memory_bound(shape: Shape, device, dtype, repeats: int, generator):
     logits = torch.randn(total, shape.vocab, device=device, dtype=dtype)
     backends = ("cuda", "triton") if device.type == "cuda" else ("triton",)
     cases = {
-        "patch_gather max": ((total + patches) * shape.width * size,
+        f"patch_gather max{suffix}": ((total + patches) * shape.width * size,
                              {b: (lambda b=b: dk.patch_gather(x, cu, reduce="max", backend=b)) for b in backends}),
-        "patch_scatter": ((total + patches) * shape.width * size,
+        f"patch_scatter{suffix}": ((total + patches) * shape.width * size,
                           {b: (lambda b=b: dk.patch_scatter(y, cu, backend=b)) for b in backends}),
-        "token_entropy": (logits.numel() * size + total * 4,
+        f"token_entropy{suffix}": (logits.numel() * size + total * 4,
                           {b: (lambda b=b: dk.token_entropy(logits, backend=b)) for b in backends}),
     }
     for case, (moved, impls) in cases.items():
@@ -188,9 +232,42 @@ def bench_memory_bound(shape: Shape, device, dtype, repeats: int, generator):
             yield _bandwidth_row("memory", case, f"dk-{b}", fn, moved, device, repeats)
 
 
+def bench_decode(shape: Shape, large: Large, device, dtype, repeats: int, generator):
+    """dk.kvcache_attention, one new query per row (the new key written in place): GB/s of cache keys and values
+    read. DPAR shape: the global transformer's decode step (a batch of images, each at its own patch count);
+    large: long caches with GQA. Baseline: SDPA over the whole cache ([B, H, 1, S], no lengths)."""
+    patches = int(shape.tokens / shape.patch_ratio) + 1
+    cases = {"DPAR global step": (shape.images, patches, shape.heads, shape.heads, shape.head_dim),
+             f"large (B {large.sequences}, cache {large.seqlen})": (large.sequences, large.seqlen, large.heads,
+                                                                    large.kv_heads, large.head_dim)}
+    backends = ("cuda", "triton") if device.type == "cuda" else ("triton",)
+    for case, (batch, capacity, heads_q, heads_kv, head_dim) in cases.items():
+        k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype)
+                            for _ in "kv")
+        q = torch.randn(batch, 1, heads_q, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, 1, heads_kv, head_dim, device=device, dtype=dtype) for _ in "kv")
+        lengths = torch.randint(capacity // 2, capacity, (batch,), generator=generator, dtype=torch.int32)
+        seqlens = lengths.to(device)
+        moved = 2 * int(lengths.sum() + batch) * heads_kv * head_dim * torch.finfo(dtype).bits // 8
+        yield _bandwidth_row("decode", case, "torch-sdpa-full-cache", _sdpa_decode(q, k_cache, v_cache), moved,
+                             device, repeats)
+        for b in backends:
+            fn = lambda b=b: dk.kvcache_attention(q, k_cache, v_cache, seqlens, k, v, backend=b)  # noqa: E731
+            yield _bandwidth_row("decode", case, f"dk-{b}", fn, moved, device, repeats)
+
+
+def _sdpa_decode(q, k_cache, v_cache):
+    """SDPA of the one-query rows over every cache position (the strongest dense baseline; it reads no lengths)."""
+    import torch.nn.functional as F
+
+    layout = lambda t: t.transpose(1, 2)  # noqa: E731 - [B, S, H, d] -> [B, H, S, d]
+    return lambda: F.scaled_dot_product_attention(layout(q), layout(k_cache), layout(v_cache),
+                                                  enable_gqa=q.shape[2] != k_cache.shape[2])
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Adds to each dk row its ratio to the strongest baseline of the same case (attention: the best of torch
-    varlen flash, padded SDPA, FlexAttention per mode; memory: the device copy)."""
+    varlen flash, padded SDPA, FlexAttention per mode; memory: the device copy; decode: SDPA over the full cache)."""
     result = []
     for row in rows:
         row = dict(row)
@@ -243,10 +320,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
     shape, dtype = (DRY_SHAPE, torch.float32) if args.dry_run else (GPU_SHAPE, torch.bfloat16)
+    large = DRY_LARGE if args.dry_run else GPU_LARGE
     repeats = 1 if args.dry_run else args.repeats
     generator = torch.Generator().manual_seed(0)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
-    meta = {"device": device_name, "dtype": str(dtype), "shape": shape.__dict__, "repeats": repeats,
+    meta = {"device": device_name, "dtype": str(dtype), "shape": shape.__dict__, "large": large.__dict__,
+            "repeats": repeats, "timing_s": TIMING_S, "max_calls": MAX_CALLS,
             "torch": torch.__version__, "dry_run": args.dry_run}
     os.makedirs(args.out, exist_ok=True)
     from benchmarks.machine import machine_info
@@ -258,8 +337,9 @@ def main(argv=None) -> int:
     shape_text = (f"{shape.images} images of {shape.tokens} tokens, {shape.heads} heads of {shape.head_dim}, "
                   f"{shape.patch_ratio} tokens per patch, V={shape.vocab}")
     rows = []
-    for row in itertools.chain(bench_memory_bound(shape, device, dtype, repeats, generator),
-                               bench_attention(shape, device, dtype, repeats, generator)):
+    for row in itertools.chain(bench_memory_bound(shape, large, device, dtype, repeats, generator),
+                               bench_decode(shape, large, device, dtype, repeats, generator),
+                               bench_attention(shape, large, device, dtype, repeats, generator)):
         rows.append(row)  # files rewritten after every row: a step timeout keeps what was measured
         print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:

@@ -1,8 +1,8 @@
 """Backend selection shared by every op.
 
 ``backend=None`` picks the best available implementation for the tensor's device: "cuda" then "triton" then
-"torch" on CUDA tensors ("triton" first for varlen_attention), on CPU tensors "cpu" where it was measured faster
-than "torch" for this ISA path and shape class (_cpu_choice), else "torch". The environment
+"torch" on CUDA tensors ("triton" first for varlen_attention and kvcache_attention), on CPU tensors "cpu" where it
+was measured faster than "torch" for this ISA path and shape class (_cpu_choice), else "torch". The environment
 variable DPAR_BACKEND sets the default, read once when dpar_kernels is imported (as TRITON_INTERPRET is, by Triton
 too); ``set_default_backend`` changes it at run time. A forced backend (argument or default) that cannot run raises
 BackendUnavailableError naming why. Resolutions are cached per (op, request, device, supported backends), so an
@@ -18,9 +18,10 @@ from . import _cpu_choice, _extension
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-# Per-op exceptions, keyed by (op, device type). varlen_attention on CUDA tensors prefers Triton until measured:
-# its kernels use tensor-core async copies and 16-byte loads, the CUDA kernel scalar loads through shared memory.
-_OP_PREFERENCE = {("varlen_attention", "cuda"): ("triton", "cuda", "torch")}
+# Per-op exceptions, keyed by (op, device type). The attention ops on CUDA tensors prefer Triton until a GPU
+# measures otherwise: its varlen kernels use tensor-core async copies and 16-byte loads (the CUDA kernel scalar
+# loads through shared memory), its decode kernel shares each KV tile among the GQA heads and splits by occupancy.
+_OP_PREFERENCE = {(op, "cuda"): ("triton", "cuda", "torch") for op in ("varlen_attention", "kvcache_attention")}
 
 
 class BackendUnavailableError(RuntimeError):

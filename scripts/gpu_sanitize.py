@@ -1,12 +1,15 @@
 """A short run of every CUDA kernel, forward and backward, for ``compute-sanitizer --tool memcheck``.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/gpu_sanitize.py [--backend cuda]
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --report-api-errors no \
+        python scripts/gpu_sanitize.py [--backend cuda[,triton]] [--only TEXT]
 
 Small shapes with empty and one-token segments, strided inputs, fp32/fp16/bf16, then the same kernels on offsets
 the public ops would reject (past the end of the data, decreasing), sent straight to the custom ops: the kernels
 clamp their own indices, so memcheck must stay clean (the numbers may be wrong). Prints one line per call.
 --device cpu with TRITON_INTERPRET=1, --backend triton and --quick (fp32, fewer shapes) runs the same calls on CPU
-(the dry run of scripts/gpu_check.sh). --skip TEXT leaves out the calls whose name contains TEXT.
+(the dry run of scripts/gpu_check.sh). --skip TEXT leaves out the calls whose name contains TEXT, --only TEXT keeps
+only those (e.g. one small attention forward+backward for racecheck and synccheck). Without torch's caching
+allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1) every tensor is its own allocation, so memcheck sees small overruns.
 """
 import argparse
 import os
@@ -103,20 +106,30 @@ def bad_offset_calls(backend, device):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="cuda", choices=("cuda", "triton"))
+    parser.add_argument("--backend", default="cuda", help="cuda, triton or both: cuda,triton")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="fp32 only, fewer shapes (the CPU dry run)")
     parser.add_argument("--skip", action="append", default=[], help="leave out calls whose name contains this")
+    parser.add_argument("--only", action="append", default=[], help="run only calls whose name contains this")
     args = parser.parse_args(argv)
+    backends = args.backend.split(",")
+    if not set(backends) <= {"cuda", "triton"}:
+        parser.error(f"--backend takes cuda, triton or cuda,triton, got {args.backend!r}")
     device = torch.device(args.device)
     dtypes = DTYPES[:1] if args.quick else DTYPES
-    calls = [*entropy_calls(args.backend, device, dtypes, (7, 2049) if args.quick else (7, 2049, 16384)),
-             *gather_scatter_calls(args.backend, device, dtypes, (7,) if args.quick else (1, 7, 64)),
-             *attention_calls(args.backend, device, dtypes, (32,) if args.quick else (32, 64, 80, 96, 128)),
-             *kvcache_calls(args.backend, device, dtypes, (64,) if args.quick else (64, 128)),
-             *bad_offset_calls(args.backend, device)]
-    calls = [(name, call) for name, call in calls if not any(text in name for text in args.skip)]
-    checked = {name for name, _ in bad_offset_calls(args.backend, device)}
+    calls, checked = [], set()
+    for backend in backends:
+        calls += [(f"[{backend}] {name}", call) for name, call in (
+            *entropy_calls(backend, device, dtypes, (7, 2049) if args.quick else (7, 2049, 16384)),
+            *gather_scatter_calls(backend, device, dtypes, (7,) if args.quick else (1, 7, 64)),
+            *attention_calls(backend, device, dtypes, (32,) if args.quick else (32, 64, 80, 96, 128)),
+            *kvcache_calls(backend, device, dtypes, (64,) if args.quick else (64, 128)),
+            *bad_offset_calls(backend, device))]
+        checked |= {f"[{backend}] {name}" for name, _ in bad_offset_calls(backend, device)}
+    calls = [(name, call) for name, call in calls if not any(text in name for text in args.skip)
+             and (not args.only or any(text in name for text in args.only))]
+    if not calls:
+        parser.error("no call matches --only/--skip")
     for name, call in calls:
         try:
             call()

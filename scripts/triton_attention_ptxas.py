@@ -3,12 +3,13 @@
     python scripts/triton_attention_ptxas.py [--quick] [--arch 90]
 
 Each kernel is compiled by Triton's NVIDIA backend to PTX with the tiles that dpar_kernels launches on a GPU
-(_GPU_TILES, the same on every arch), then assembled by the ptxas bundled with Triton. It compiles the variant
-Triton runs: at launch Triton specialises every pointer and every integer argument divisible by 16 (tt.divisibility
-= 16, which enables 16-byte vector loads and async copies), and so does this script for the data pointers and the
-token/head strides (multiples of 16 for every supported head dim); lse/delta strides (= total_q) and counts stay
-generic. The full run covers fp16/bf16/fp32 inputs, head dims 64/80/128 and causal or not; --quick covers bf16
-d=128 causal, fp16 d=128 causal, fp32 d=128 non-causal and fp32 d=80 non-causal (tests/ops/test_attention_triton.py
+(gpu_tiles: the long- and short-sequence tables, the same on every arch), then assembled by the ptxas Triton pairs
+with that arch. It compiles the variant Triton runs: at launch Triton specialises every pointer and every integer
+argument divisible by 16 (tt.divisibility = 16, which enables 16-byte vector loads and async copies), and so does
+this script for the data pointers and the token/head strides (multiples of 16 for every supported head dim);
+lse/delta strides (= total_q) and counts stay generic. The full run covers fp16/bf16/fp32 inputs, head dims
+64/80/128, causal or not, long and short tiles; --quick covers bf16 d=128 causal (long and short tiles), bf16 d=64
+causal short, fp16 d=128 causal, fp32 d=128 non-causal and fp32 d=80 non-causal (tests/ops/test_attention_triton.py
 runs it for sm_90, and for sm_86 with --shared-memory-only). Exits 1 if a kernel fails to compile, spills registers
 or needs more shared memory than the arch has. The interpreter tests cannot catch any of these, and cannot run bf16
 at all.
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 
@@ -74,7 +76,7 @@ def _compile(fn, dtype: str, constants: dict, arch: int, launch: dict):
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     """(registers, spill-store bytes) that ptxas reports for ``ptx``."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = get_ptxas(arch).path  # Triton's choice: it pairs each arch with a ptxas that reads its PTX version
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
@@ -87,17 +89,19 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     return registers, spills
 
 
-def compile_kernel(kind: str, dtype: str, head_dim: int, causal: bool, arch: int) -> list[str]:
-    """Compiles one kernel with the tiles used on ``arch``; prints a line and returns its problems."""
+def compile_kernel(kind: str, dtype: str, head_dim: int, causal: bool, arch: int, short: bool = False) -> list[str]:
+    """Compiles one kernel with the tiles used on ``arch`` for long sequences (or for short ones: every sequence
+    at most tk.SHORT_SEQLEN); prints a line and returns its problems."""
     probe = torch.empty(0, 1, head_dim, dtype=DTYPES[dtype])
-    tiles = tk._GPU_TILES[kind][(probe.dtype == torch.float32, head_dim > 64)]
+    longest = tk.SHORT_SEQLEN if short else 1 << 16
+    tiles = tk.gpu_tiles(kind, probe.dtype, head_dim, longest, longest)
     options = tk._constants(probe, causal, tiles)
     launch = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages")}
     start = time.time()
     kernel = _compile(KERNELS[kind], dtype, options, arch, launch)
     registers, spills = _ptxas_report(kernel.asm["ptx"], arch)
-    name = f"{kind} {dtype} d={head_dim} causal={causal}"
-    print(f"{kind:8s} {dtype} d={head_dim:<3d} causal={causal!s:5s} M={tiles.m:<3d} N={tiles.n:<3d} "
+    name = f"{kind} {dtype} d={head_dim} causal={causal}{' short' if short else ''}"
+    print(f"{kind:8s} {dtype} d={head_dim:<3d} causal={causal!s:5s} short={short!s:5s} M={tiles.m:<3d} N={tiles.n:<3d} "
           f"warps={tiles.warps} stages={tiles.stages} smem={kernel.metadata.shared:6d} registers={registers} "
           f"spill={spills} ({time.time() - start:.1f}s)", flush=True)
     return _problems(name, spills, kernel.metadata.shared, arch)
@@ -128,13 +132,15 @@ def main(argv=None) -> int:
                              "(the tiles are tuned for sm_90; on e.g. sm_86 a few spilled bytes are expected)")
     args = parser.parse_args(argv)
     if args.quick:
-        configs = [("bf16", 128, True), ("fp16", 128, True), ("fp32", 128, False), ("fp32", 80, False)]
+        configs = [("bf16", 128, True, False), ("fp16", 128, True, False), ("fp32", 128, False, False),
+                   ("fp32", 80, False, False), ("bf16", 128, True, True), ("bf16", 64, True, True)]
     else:
-        configs = [(dtype, d, causal) for dtype in DTYPES for d in (64, 80, 128) for causal in (True, False)]
+        configs = [(dtype, d, causal, short) for dtype in DTYPES for d in (64, 80, 128) for causal in (True, False)
+                   for short in ((False,) if dtype == "fp32" else (False, True))]
     problems = compile_delta_kernel("bf16", args.arch)
-    for dtype, head_dim, causal in configs:
+    for dtype, head_dim, causal, short in configs:
         for kind in KERNELS:
-            problems += compile_kernel(kind, dtype, head_dim, causal, args.arch)
+            problems += compile_kernel(kind, dtype, head_dim, causal, args.arch, short)
     if args.shared_memory_only:
         problems = [p for p in problems if "shared memory" in p]
     for problem in problems:

@@ -168,7 +168,7 @@ def _forward_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, total_q, tota
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> ln
     o_base = Out + q_start.to(tl.int64) * stride_ot + head * stride_oh
     _store(o_base + rows[:, None] * stride_ot + offs_d[None, :], out, row_ok, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(Lse + head * stride_lse_h + q_start + rows, lse, mask=row_ok)
+    tl.store(Lse + head.to(tl.int64) * stride_lse_h + q_start + rows, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------- backward
@@ -178,7 +178,7 @@ def _forward_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, total_q, tota
 def _delta_kernel(Out, dOut, Delta, total_q, stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32. Program (token block, q head)."""
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < total_q
     offs_d = tl.arange(0, BLOCK_D)
@@ -257,8 +257,8 @@ def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, 
         head = kv_head * group + g
         q_base = Q + q_start64 * stride_qt + head * stride_qh
         do_base = dOut + q_start64 * stride_dot + head * stride_doh
-        lse_base = Lse + head * stride_lse_h + q_start
-        delta_base = Delta + head * stride_lse_h + q_start
+        lse_base = Lse + head.to(tl.int64) * stride_lse_h + q_start
+        delta_base = Delta + head.to(tl.int64) * stride_lse_h + q_start
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
                              offs_m, offs_d, lo, q_end, len_q, len_k, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M,
                              CAUSAL, PRECISION)
@@ -315,8 +315,9 @@ def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, total_
               row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load(dOut + q_start64 * stride_dot + head * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
                row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    lse = _load_lse(Lse + head * stride_lse_h + q_start + rows, row_ok)
-    delta = tl.load(Delta + head * stride_lse_h + q_start + rows, mask=row_ok, other=0.0)
+    lse_row = head.to(tl.int64) * stride_lse_h + q_start
+    lse = _load_lse(Lse + lse_row + rows, row_ok)
+    delta = tl.load(Delta + lse_row + rows, mask=row_ok, other=0.0)
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
 
@@ -343,27 +344,43 @@ class _Tiles:
 
 
 # Per-kernel tiles for H100-class GPUs, keyed by (fp32 inputs, head dim > 64). Not timed on hardware: chosen so
-# that ptxas (sm_90a) reports no register spills, see scripts/triton_attention_ptxas.py. 16-bit inputs use
-# tensor cores; fp32 inputs (IEEE dot, no tensor cores) use smaller tiles.
+# that ptxas (sm_90a) reports no register spills with Triton 3.6, 3.8 and 3.9 (scripts/triton_attention_ptxas.py).
+# 16-bit inputs use tensor cores; fp32 inputs (IEEE dot, no tensor cores) use smaller tiles.
 _GPU_TILES = {
     "forward": {(False, False): _Tiles(128, 64, 8, 3), (False, True): _Tiles(128, 32, 8, 3),
                 (True, False): _Tiles(32, 32, 4, 2), (True, True): _Tiles(32, 16, 8, 2)},
     "dkdv": {(False, False): _Tiles(32, 128, 8, 3), (False, True): _Tiles(32, 64, 8, 3),
-             (True, False): _Tiles(32, 32, 8, 2), (True, True): _Tiles(16, 32, 8, 1)},
+             (True, False): _Tiles(32, 32, 8, 2), (True, True): _Tiles(16, 32, 4, 1)},
     "dq": {(False, False): _Tiles(128, 32, 8, 3), (False, True): _Tiles(64, 32, 8, 3),
            (True, False): _Tiles(64, 16, 8, 2), (True, True): _Tiles(32, 16, 8, 2)},
 }
+# Short ragged sequences (every sequence of both sides at most SHORT_SEQLEN, as DPAR's patches and per-image
+# token runs): tiles of at most 64 rows and 4 warps, so that a sequence fills whole tiles and a program's warps
+# have rows to work on; 16-bit inputs only (fp32 tiles are already this size). Not timed on hardware either; the
+# dK/dV tiles are the largest without spills.
+SHORT_SEQLEN = 128
+_SHORT_TILES = {"forward": {False: _Tiles(64, 64, 4, 2), True: _Tiles(64, 32, 4, 2)},
+                "dkdv": {False: _Tiles(32, 64, 4, 2), True: _Tiles(32, 32, 4, 2)},
+                "dq": {False: _Tiles(64, 64, 4, 2), True: _Tiles(64, 32, 4, 2)}}
 _MIN_TILE = 16  # tl.dot needs every block dim >= 16
 _DELTA_ROWS, _DELTA_WARPS = 64, 8  # tokens per program of the delta = rowsum(dO * O) kernel
 
 
-def _tiles(kernel: str, q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> _Tiles:
-    """Tile sizes for ``kernel``, shrunk to the longest sequences (a one-query cross-attention uses 16 rows)."""
-    if triton_interpreter() and q.device.type == "cpu":
-        return _Tiles(_MIN_TILE, _MIN_TILE, 1, 1)  # the interpreter's cost grows with the tile size
-    base = _GPU_TILES[kernel][(q.dtype == torch.float32, q.shape[2] > 64)]
+def gpu_tiles(kernel: str, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, max_seqlen_k: int) -> _Tiles:
+    """Tile sizes of ``kernel`` on a GPU: the short-sequence tiles when both sides' sequences are at most
+    SHORT_SEQLEN (16-bit inputs), else the long ones, shrunk to the longest sequences (a one-query
+    cross-attention uses 16 rows)."""
+    fp32, wide = dtype == torch.float32, head_dim > 64
+    short = not fp32 and max(max_seqlen_q, max_seqlen_k) <= SHORT_SEQLEN
+    base = _SHORT_TILES[kernel][wide] if short else _GPU_TILES[kernel][(fp32, wide)]
     fit = lambda block, length: min(block, max(_MIN_TILE, triton.next_power_of_2(length)))  # noqa: E731
     return _Tiles(fit(base.m, max_seqlen_q), fit(base.n, max_seqlen_k), base.warps, base.stages)
+
+
+def _tiles(kernel: str, q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> _Tiles:
+    if triton_interpreter() and q.device.type == "cpu":
+        return _Tiles(_MIN_TILE, _MIN_TILE, 1, 1)  # the interpreter's cost grows with the tile size
+    return gpu_tiles(kernel, q.dtype, q.shape[2], max_seqlen_q, max_seqlen_k)
 
 
 def _constants(q: torch.Tensor, causal: bool, tiles: _Tiles) -> dict:

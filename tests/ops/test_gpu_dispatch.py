@@ -6,7 +6,8 @@ import dpar_kernels as dk
 from dpar_kernels import _dispatch, _extension
 
 CUDA = torch.device("cuda")
-OPS = ("token_entropy", "linear_entropy", "patch_gather", "patch_scatter", "varlen_attention")
+OPS = ("token_entropy", "linear_entropy", "patch_gather", "patch_scatter", "varlen_attention", "kvcache_attention")
+TRITON_FIRST = ("varlen_attention", "kvcache_attention")
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def gpu_backends(monkeypatch, default_backend):
 
 @pytest.mark.parametrize("op", OPS)
 def test_attention_prefers_triton_and_other_ops_cuda(gpu_backends, op):
-    expected = "triton" if op == "varlen_attention" else "cuda"
+    expected = "triton" if op in TRITON_FIRST else "cuda"
     assert _dispatch.resolve_backend(op, None, CUDA, dk.BACKENDS) == expected
 
 
@@ -35,10 +36,11 @@ def test_falls_back_when_the_preferred_backend_is_missing(gpu_backends, op):
     assert _dispatch.resolve_backend(op, None, CUDA, ("torch", "cpu")) == "torch"
 
 
-def test_forced_backend_still_wins(gpu_backends):
-    assert _dispatch.resolve_backend("varlen_attention", "cuda", CUDA, dk.BACKENDS) == "cuda"
+@pytest.mark.parametrize("op", TRITON_FIRST)
+def test_forced_backend_still_wins(gpu_backends, op):
+    assert _dispatch.resolve_backend(op, "cuda", CUDA, dk.BACKENDS) == "cuda"
     dk.set_default_backend("cuda")  # the gpu_backends fixture restores the default
-    assert _dispatch.resolve_backend("varlen_attention", None, CUDA, dk.BACKENDS) == "cuda"
+    assert _dispatch.resolve_backend(op, None, CUDA, dk.BACKENDS) == "cuda"
 
 
 def test_cpu_tensors_keep_the_cpu_order(gpu_backends):

@@ -20,14 +20,19 @@ def test_dry_run_writes_the_summary(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert summary["dry_run"] and summary["ok"]
-    assert status["build"].startswith("skipped") and status["compute-sanitizer"].startswith("skipped")
-    assert status["pytest-gpu"] == status["sanitizer-driver"] == status["benchmarks"] == "ok"
-    pytest_log = (tmp_path / "pytest.log").read_text()
+    gpu_only = ("build", "extension", "pytest-cuda", "memcheck", "racecheck", "synccheck")
+    assert all(status[name].startswith("skipped") for name in gpu_only), status
+    assert status["pytest-triton"] == status["sanitizer-driver"] == status["benchmarks"] == "ok"
+    pytest_log = (tmp_path / "pytest_triton.log").read_text()
     assert " passed" in pytest_log and "failed" not in pytest_log
     assert "calls done" in (tmp_path / "sanitizer.log").read_text()
     rows = summary["benchmarks"]["rows"]
-    assert {r["group"] for r in rows} == {"attention", "memory"}
+    assert {r["group"] for r in rows} == {"attention", "memory", "decode"}
     assert any(r["impl"] == "dk-triton" and "fwd+bwd TFLOP/s" in r for r in rows)
+    assert any(r["impl"] == "dk-triton" and r["case"].startswith("large") and "fwd TFLOP/s" in r for r in rows)
     assert any(r["impl"] == "device-copy" and "GB/s" in r for r in rows)
+    assert {r["case"] for r in rows if r["group"] == "decode" and r["impl"] == "dk-triton" and "GB/s" in r} == \
+        {r["case"] for r in rows if r["group"] == "decode"}, "every decode case has a dk-triton figure"
+    assert any("large" in r["case"] for r in rows if r["group"] == "memory")
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "| pytest-gpu | ok |" in table and "dry run on CPU" in table
+    assert "| pytest-triton | ok |" in table and "dry run on CPU" in table
