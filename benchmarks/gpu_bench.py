@@ -164,9 +164,8 @@ def bench_attention(shape: Shape, large: Large, device, dtype, repeats: int, gen
     for case, (lq, lk, causal) in cases.items():
         heads, head_dim = (large.heads, large.head_dim) if case.startswith("large") else (shape.heads, shape.head_dim)
         cu_q, cu_k = dk.lengths_to_cu_seqlens(lq).to(device), dk.lengths_to_cu_seqlens(lk).to(device)
-        new = lambda n: torch.randn(n, heads, head_dim, device=device, dtype=dtype,  # noqa: E731
-                                    requires_grad=True)
-        q, k, v = new(int(cu_q[-1])), new(int(cu_k[-1])), new(int(cu_k[-1]))
+        q, k, v = (torch.randn(int(n), heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for n in (cu_q[-1], cu_k[-1], cu_k[-1]))
         flops = 4 * heads * head_dim * attended_pairs(cu_q, cu_k, causal)
         impls = attention_impls(q, k, v, cu_q, cu_k, int(lq.max()), int(lk.max()), causal, device.type == "cuda")
         prepared.append((case, int(lq.numel()), flops, impls))
@@ -252,7 +251,7 @@ def bench_decode(shape: Shape, large: Large, device, dtype, repeats: int, genera
         yield _bandwidth_row("decode", case, "torch-sdpa-full-cache", _sdpa_decode(q, k_cache, v_cache), moved,
                              device, repeats)
         for b in backends:
-            fn = lambda b=b: dk.kvcache_attention(q, k_cache, v_cache, seqlens, k, v, backend=b)  # noqa: E731
+            fn = functools.partial(dk.kvcache_attention, q, k_cache, v_cache, seqlens, k, v, backend=b)
             yield _bandwidth_row("decode", case, f"dk-{b}", fn, moved, device, repeats)
 
 

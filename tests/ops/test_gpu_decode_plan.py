@@ -3,10 +3,10 @@ work against the SM count, launches per decode call, the short-sequence attentio
 checked under the interpreter (TRITON_INTERPRET=1) against the float64 reference; nothing here is timed."""
 import pytest
 import torch
-
-import dpar_kernels as dk
 from helpers import triton_on_cpu
 from test_kvcache import reference
+
+import dpar_kernels as dk
 
 H200_SMS = 132
 
