@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 
+import dpar_kernels
 from dpar_kernels import _extension
 
 PATHS = ("default", "avx2", "avx512")  # lowest first
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(dpar_kernels.__file__)))  # the tree this process imports
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_OPS, reason="needs the compiled extension dpar_kernels._C")
 SUPPORTED = _extension.EXTENSION.cpu_isa_supported() if _extension.HAS_CPU_OPS else []
