@@ -25,14 +25,17 @@ ENTROPY_ROWS, ENTROPY_VOCAB = 1024, 16384
 
 
 def cpu_model() -> str:
+    """The CPU's model name with its family / model numbers (e.g. "AMD EPYC family 25 model 1"), from /proc/cpuinfo."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.machine())
+    return f"{name} family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else name
 
 
 # ------------------------------------------------------------------------------------------------ the cases
