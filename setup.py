@@ -31,10 +31,13 @@ def _extensions():
         raise RuntimeError(f"building dpar_kernels._C needs torch at build time ({exc}); install torch first and "
                            f"use `pip install --no-build-isolation`, or {NO_EXTENSION_HINT}") from exc
 
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # csrc/cpu/isa/: one file per (instruction-set path, op), each a small unit of its own (csrc/cpu/isa.h)
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/cpu/isa/*.cpp")
     if not sources:
         raise RuntimeError(f"no C++ sources under {ROOT}/csrc (an incomplete sdist?); {NO_EXTENSION_HINT}")
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.14 headers need C++20
+    # torch >= 2.14 headers need C++20. -g0 overrides the -g that Python's CFLAGS add: debug info of the torch
+    # headers is most of what a unit writes, and no one debugs the released extension.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-g0"]
     extra = {"cxx": cxx_flags}
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("DPAR_FORCE_CUDA") == "1" and not with_cuda:

@@ -4,7 +4,7 @@
 // 2-core CPU, a third of a decode-sized patch_gather). dpar_kernels uses them only on its eager fast path;
 // torch.compile and autograd see the torch.library ops.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // the Tensor type casters, without the rest of torch/extension.h
 
 #include <optional>
 #include <tuple>

@@ -6,6 +6,7 @@ Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``
 from importlib.metadata import PackageNotFoundError, version
 
 from ._checks import mark_validated, set_validation, validation_enabled
+from ._extension import cpu_isa
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, default_backend, set_default_backend
 from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy

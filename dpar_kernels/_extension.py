@@ -45,3 +45,16 @@ def _load():
 EXTENSION = _load()
 HAS_CPU_OPS = EXTENSION is not None
 HAS_CUDA_OPS = HAS_CPU_OPS and EXTENSION.built_with_cuda()
+CPU_ISA = EXTENSION.cpu_isa() if HAS_CPU_OPS else None
+if HAS_CPU_OPS and EXTENSION.cpu_isa_problem():
+    warnings.warn(EXTENSION.cpu_isa_problem(), RuntimeWarning, stacklevel=2)
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set path the C++ CPU kernels run: "avx512", "avx2" or "default"; None without dpar_kernels._C.
+
+    Picked once when _C loads, from the CPU's feature bits: the best path the CPU has, or the one DPAR_CPU_ISA names
+    when the CPU supports it. A DPAR_CPU_ISA the CPU cannot run (a higher path) or an unknown name warns
+    (RuntimeWarning) and runs the best supported path instead.
+    """
+    return CPU_ISA

@@ -17,7 +17,8 @@
 // query blocks that see the keys, computing P and dS once per tile for dQ, dK and dV. Backward, split (when one
 // such item would dominate a thread's share): dK/dV items (sequence, kv head, key block) as above, then dQ items
 // (sequence, query head, query block) that recompute P and dS.
-// Tiles are converted to the compute type (float; double for float64) once on load; see attention_tiles.h.
+// Tiles are converted to the compute type (float; double for float64) once on load; the tile math is the active
+// instruction-set path's (cpu/isa.h, cpu/kernels/attention.inc).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -33,14 +34,27 @@
 #include <optional>
 #include <vector>
 
-#include "cpu/attention_tiles.h"
+#include "cpu/isa.h"
+#include "cpu/kernels/tables.h"
 
 namespace dpar {
 namespace {
 
-using cpu::attention::kBlockK;
-using cpu::attention::kBlockQ;
-using cpu::attention::kRowDotRows;
+using cpu::kBlockK;
+using cpu::kBlockQ;
+using cpu::kRowDotRows;
+
+// The tile kernels of the active instruction-set path (cpu/isa.h) for compute type T.
+template <typename T>
+const cpu::AttentionTiles<T>& tiles();
+template <>
+const cpu::AttentionTiles<float>& tiles<float>() {
+  return cpu::attention_kernels().f32;
+}
+template <>
+const cpu::AttentionTiles<double>& tiles<double>() {
+  return cpu::attention_kernels().f64;
+}
 
 // ---------------------------------------------------------------------------------------------- validation
 
@@ -199,7 +213,7 @@ struct Workspace {
   std::vector<int> visible;
 
   explicit Workspace(int64_t d)
-      : dp(cpu::attention::padded_dim<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), s(kBlockQ * kBlockK),
+      : dp(cpu::padded_len<acc_t>(d)), q(kBlockQ * dp), dout(kBlockQ * dp), s(kBlockQ * kBlockK),
         ds(kBlockQ * kBlockK), acc(std::max(kBlockQ, kBlockK) * dp),
         acc2(kBlockK * dp), m(kBlockQ), l(kBlockQ), lse(kBlockQ), delta(kBlockQ), kt(d * kBlockK),
         k_rows(kBlockK * dp), v_rows(kBlockK * dp), visible(kBlockQ) {}
@@ -215,7 +229,7 @@ struct FusedWorkspace {
   std::vector<int> visible;
 
   explicit FusedWorkspace(int64_t d)
-      : dp(cpu::attention::padded_dim<acc_t>(d)), kt(d * kBlockK), vt(d * kBlockK), k_rows(kBlockK * dp),
+      : dp(cpu::padded_len<acc_t>(d)), kt(d * kBlockK), vt(d * kBlockK), k_rows(kBlockK * dp),
         v_rows(kBlockK * dp),
         s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), visible(kBlockQ) {}
 
@@ -252,13 +266,13 @@ void load_rows(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head
   }
 }
 
-// dst [d][kBlockK] = src rows token0 .. token0+cols transposed; columns [cols, cols rounded up to the SIMD
-// width) zero. The tiles read no column past that rounding (their vector count comes from cols), so the rest of
+// dst [d][kBlockK] = src rows token0 .. token0+cols transposed; columns [cols, cols rounded up to the widest
+// vector) zero. The tiles read no column past that rounding (their vector count comes from cols), so the rest of
 // a short block is left as it is: zeroing all kBlockK columns would cost more than the block's math.
 template <typename scalar_t, typename acc_t>
 void load_transposed(const HeadRows<const scalar_t>& src, int64_t token0, int64_t head, int64_t cols, int64_t d,
                      acc_t* dst) {
-  constexpr int64_t W = cpu::attention::Simd<acc_t>::kWidth;
+  constexpr int64_t W = cpu::kMaxVectorBytes / sizeof(acc_t);
   const int64_t padded_cols = std::min<int64_t>(kBlockK, (cols + W - 1) / W * W);
   if (cols < padded_cols) {
     for (int64_t c = 0; c < d; ++c) std::fill(dst + c * kBlockK + cols, dst + c * kBlockK + padded_cols, acc_t(0));
@@ -303,7 +317,7 @@ struct KeyTiles {
 
   KeyTiles(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool backward)
       : d(p.head_dim),
-        dp(cpu::attention::padded_dim<acc_t>(p.head_dim)),
+        dp(cpu::padded_len<acc_t>(p.head_dim)),
         kt(KeyTileBuffers<acc_t>::for_this_thread().kt),
         vt(KeyTileBuffers<acc_t>::for_this_thread().vt),
         k_rows(KeyTileBuffers<acc_t>::for_this_thread().k_rows),
@@ -387,18 +401,18 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
       if (!per_item_keys) {
         const int64_t tile = keys->tile(b, kv_head, key);
-        cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, keys->transposed_k(tile), keys->rows_v(tile),
+        tiles<acc_t>().forward(ws.q.data(), rows, d, ws.dp, keys->transposed_k(tile), keys->rows_v(tile),
                                      cols, ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
         continue;
       }
       load_rows(v_src, k_token, kv_head, cols, d, acc_t(1), ws.v_rows.data(), ws.dp);
       if (rows <= kRowDotRows) {
         load_rows(k_src, k_token, kv_head, cols, d, acc_t(1), ws.k_rows.data(), ws.dp);
-        cpu::attention::forward_rows_tile(ws.q.data(), rows, ws.dp, ws.k_rows.data(), ws.v_rows.data(), cols,
+        tiles<acc_t>().forward_rows(ws.q.data(), rows, ws.dp, ws.k_rows.data(), ws.v_rows.data(), cols,
                                           ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
       } else {
         load_transposed(k_src, k_token, kv_head, cols, d, ws.kt.data());
-        cpu::attention::forward_tile(ws.q.data(), rows, d, ws.dp, ws.kt.data(), ws.v_rows.data(), cols,
+        tiles<acc_t>().forward(ws.q.data(), rows, d, ws.dp, ws.kt.data(), ws.v_rows.data(), cols,
                                      ws.visible.data(), ws.s.data(), ws.m.data(), ws.l.data(), ws.acc.data());
       }
     }
@@ -524,14 +538,14 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
             const int64_t rows = std::min<int64_t>(kBlockQ, len_q - q_start), row0 = g * len_q + q_start;
             p.visible(b, q_start, rows, key, cols, ws.visible.data());
             if (row_dots) {
-              cpu::attention::backward_fused_rows_tile(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, dp,
+              tiles<acc_t>().backward_fused_rows(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, dp,
                                                        ws.k_rows.data(), ws.v_rows.data(), cols, ws.visible.data(),
                                                        ws.lse.data() + row0, ws.delta.data() + row0, ws.s.data(),
                                                        ws.ds.data(), ws.dq.data() + row0 * dp, ws.dk.data(),
                                                        ws.dv.data());
               continue;
             }
-            cpu::attention::backward_fused_tile(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, d, dp,
+            tiles<acc_t>().backward_fused(ws.q.data() + row0 * dp, ws.dout.data() + row0 * dp, rows, d, dp,
                                                 ws.kt.data(), ws.vt.data(), ws.k_rows.data(), cols,
                                                 ws.visible.data(), ws.lse.data() + row0, ws.delta.data() + row0,
                                                 ws.s.data(), ws.ds.data(), ws.dq.data() + row0 * dp,
@@ -565,7 +579,7 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
         const int64_t rows = std::min<int64_t>(kBlockQ, p.len_q(b) - q_start);
         load_queries(ws, b, h, q_start, rows);
         p.visible(b, q_start, rows, key, cols, ws.visible.data());
-        cpu::attention::backward_key_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
+        tiles<acc_t>().backward_key(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
                                           keys.transposed_v(tile), cols, ws.visible.data(), ws.lse.data(),
                                           ws.delta.data(), ws.s.data(), ws.ds.data(), ws.acc.data(),
                                           ws.acc2.data());
@@ -588,7 +602,7 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
     for (int64_t key = 0; key < key_end; key += kBlockK) {
       const int64_t cols = std::min<int64_t>(kBlockK, key_end - key), tile = keys.tile(b, kv_head, key);
       p.visible(b, q_start, rows, key, cols, ws.visible.data());
-      cpu::attention::backward_query_tile(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
+      tiles<acc_t>().backward_query(ws.q.data(), ws.dout.data(), rows, d, ws.dp, keys.transposed_k(tile),
                                           keys.transposed_v(tile), keys.rows_k(tile), cols, ws.visible.data(),
                                           ws.lse.data(), ws.delta.data(), ws.s.data(), ws.ds.data(),
                                           ws.acc.data());

@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -23,17 +25,44 @@
 #include <string_view>
 #include <vector>
 
+#include "cpu/kernels/tables.h"
+
 namespace dpar {
 namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;  // rough number of elements a thread should get at least
 
-enum class Reduce { Max, Sum, Mean };
+using Reduce = cpu::PatchReduce;
+
+// The per-patch kernels of the active instruction-set path (cpu/isa.h, cpu/kernels/gather_scatter.inc) for a dtype,
+// over its storage type (float16 / bfloat16 as uint16_t bits).
+template <typename scalar_t>
+struct PatchKernels;
+template <>
+struct PatchKernels<float> {
+  using Stored = float;
+  static const cpu::PatchRows<float, float>& get() { return cpu::gather_scatter_kernels().f32; }
+};
+template <>
+struct PatchKernels<double> {
+  using Stored = double;
+  static const cpu::PatchRows<double, double>& get() { return cpu::gather_scatter_kernels().f64; }
+};
+template <>
+struct PatchKernels<c10::Half> {
+  using Stored = uint16_t;
+  static const cpu::PatchRows<uint16_t, float>& get() { return cpu::gather_scatter_kernels().f16; }
+};
+template <>
+struct PatchKernels<c10::BFloat16> {
+  using Stored = uint16_t;
+  static const cpu::PatchRows<uint16_t, float>& get() { return cpu::gather_scatter_kernels().bf16; }
+};
 
 Reduce parse_reduce(std::string_view reduce) {
-  if (reduce == "max") return Reduce::Max;
-  if (reduce == "sum") return Reduce::Sum;
-  if (reduce == "mean") return Reduce::Mean;
+  if (reduce == "max") return Reduce::kMax;
+  if (reduce == "sum") return Reduce::kSum;
+  if (reduce == "mean") return Reduce::kMean;
   TORCH_CHECK_VALUE(false, "reduce must be 'max', 'sum' or 'mean', got '", std::string(reduce), "'");
 }
 
@@ -104,68 +133,20 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 template <typename scalar_t>
 void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Tensor& out, at::Tensor& argmax) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* xp = x.data_ptr<scalar_t>();
+  using Stored = typename PatchKernels<scalar_t>::Stored;
+  const auto& kernels = PatchKernels<scalar_t>::get();
+  const Stored* xp = reinterpret_cast<const Stored*>(x.data_ptr<scalar_t>());
   const int64_t x_stride = x.stride(0);
-  scalar_t* op = out.data_ptr<scalar_t>();
+  Stored* op = reinterpret_cast<Stored*>(out.data_ptr<scalar_t>());
   int32_t* ap = argmax.numel() > 0 ? argmax.data_ptr<int32_t>() : nullptr;  // null: no arg-max wanted
   const int64_t cols = x.size(1);
-  // Whole rows at a time (acc / arg are per-thread [cols] buffers), so x is read as one sequential stream.
-  auto gather_patch = [&](int64_t p, acc_t* acc, int32_t* arg) {
-    const int64_t start = cu[p], stop = cu[p + 1], width = cols;
-    scalar_t* o = op + p * cols;
-    if (start == stop) {  // empty patch: 0 for every reduction, no arg-max
-      std::fill(o, o + width, scalar_t(0));
-      if (ap != nullptr) std::fill(ap + p * cols, ap + (p + 1) * cols, -1);
-      return;
-    }
-    const scalar_t* first = xp + start * x_stride;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) acc[j] = static_cast<acc_t>(first[j]);
-    if (reduce == Reduce::Max && ap != nullptr) {
-      std::fill(arg, arg + width, static_cast<int32_t>(start));
-      for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride;
-        const int32_t token = static_cast<int32_t>(t);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t v = static_cast<acc_t>(row[j]);
-          const bool take = (v > acc[j]) | (v != v);  // strict: ties keep the first token; NaN propagates
-          acc[j] = take ? v : acc[j];
-          arg[j] = take ? token : arg[j];
-        }
-      }
-      int32_t* a = ap + p * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        o[j] = static_cast<scalar_t>(acc[j]);
-        a[j] = acc[j] != acc[j] ? -1 : arg[j];  // NaN equals no token (as the reference)
-      }
-      return;
-    }
-    if (reduce == Reduce::Max) {
-      for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t v = static_cast<acc_t>(row[j]);
-          acc[j] = (v > acc[j]) | (v != v) ? v : acc[j];  // NaN propagates
-        }
-      }
-    } else {
-      for (int64_t t = start + 1; t < stop; ++t) {
-        const scalar_t* row = xp + t * x_stride;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
-      }
-    }
-    const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) o[j] = static_cast<scalar_t>(acc[j] * scale);
-  };
   for_each_patch_range(cu, out.size(0), cols, [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> acc(cols);
+    std::vector<acc_t> acc(cols);  // per-thread [cols] buffers: whole rows at a time
     std::vector<int32_t> arg(ap != nullptr ? cols : 0);
-    for (int64_t p = p0; p < p1; ++p) gather_patch(p, acc.data(), arg.data());
+    for (int64_t p = p0; p < p1; ++p) {
+      kernels.gather(xp, x_stride, cu[p], cu[p + 1], cols, reduce, op + p * cols,
+                     ap != nullptr ? ap + p * cols : nullptr, acc.data(), arg.data());
+    }
   });
 }
 
@@ -177,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> patch_gather_cpu(const at::Tensor& x, const a
   check_offsets(cu, x.size(0));
   const int64_t num_patches = cu.numel() - 1;
   at::Tensor out = empty_output({num_patches, x.size(1)}, x.options());
-  at::Tensor argmax = reduce == Reduce::Max && with_argmax ? empty_output({num_patches, x.size(1)}, x.options().dtype(at::kInt))
+  at::Tensor argmax = reduce == Reduce::kMax && with_argmax ? empty_output({num_patches, x.size(1)}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_gather_cpu", [&] {
     gather_kernel<scalar_t>(x, cu.data_ptr<int32_t>(), reduce, out, argmax);
@@ -188,42 +169,21 @@ std::tuple<at::Tensor, at::Tensor> patch_gather_cpu(const at::Tensor& x, const a
 template <typename scalar_t>
 void gather_backward_kernel(const at::Tensor& grad_out, const int32_t* cu, const int32_t* argmax, Reduce reduce,
                             at::Tensor& grad_x, std::atomic<bool>& bad_argmax) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* gp = grad_out.data_ptr<scalar_t>();
-  scalar_t* xp = grad_x.data_ptr<scalar_t>();
+  using Stored = typename PatchKernels<scalar_t>::Stored;
+  const auto& kernels = PatchKernels<scalar_t>::get();
+  const Stored* gp = reinterpret_cast<const Stored*>(grad_out.data_ptr<scalar_t>());
+  Stored* xp = reinterpret_cast<Stored*>(grad_x.data_ptr<scalar_t>());
   const int64_t cols = grad_out.size(1);
   // each token row is written once: its patch's gradient where it is the column's arg-max (max) or everywhere
-  // (sum: the gradient, mean: the gradient / length)
-  // whole rows at a time (scaled is a per-thread [cols] buffer), so grad_x is written as one sequential stream
-  auto spread_patch = [&](int64_t p, scalar_t* scaled) {
-    const int64_t start = cu[p], stop = cu[p + 1], width = cols;
-    if (start == stop) return;
-    const scalar_t* g = gp + p * cols;
-    if (reduce == Reduce::Max) {
-      const int32_t* a = argmax + p * cols;
-      int bad = 0;  // branch-free (| not ||) so that the loop vectorises
-#pragma omp simd reduction(| : bad)
-      for (int64_t j = 0; j < width; ++j) bad |= (a[j] >= 0) & ((a[j] < start) | (a[j] >= stop));
-      if (bad) bad_argmax = true;  // such a column gets no gradient (a NaN column, a < 0, gets none either)
-      for (int64_t t = start; t < stop; ++t) {
-        scalar_t* row = xp + t * cols;
-        const int32_t token = static_cast<int32_t>(t);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const scalar_t value = g[j];  // loaded unconditionally: a select, not a branch
-          row[j] = a[j] == token ? value : scalar_t(0);
-        }
-      }
-      return;
-    }
-    const acc_t scale = reduce == Reduce::Mean ? acc_t(1) / static_cast<acc_t>(stop - start) : acc_t(1);
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) scaled[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * scale);
-    for (int64_t t = start; t < stop; ++t) std::copy(scaled, scaled + width, xp + t * cols);
-  };
+  // (sum: the gradient, mean: the gradient / length); an arg-max outside its patch gives its column no gradient
   for_each_patch_range(cu, grad_out.size(0), cols, [&](int64_t p0, int64_t p1) {
-    std::vector<scalar_t> scaled(reduce == Reduce::Max ? 0 : cols);
-    for (int64_t p = p0; p < p1; ++p) spread_patch(p, scaled.data());
+    std::vector<Stored> scaled(reduce == Reduce::kMax ? 0 : cols);  // per-thread [cols] buffer
+    for (int64_t p = p0; p < p1; ++p) {
+      if (kernels.spread(gp + p * cols, argmax != nullptr ? argmax + p * cols : nullptr, cu[p], cu[p + 1], cols,
+                         reduce, xp, scaled.data())) {
+        bad_argmax = true;
+      }
+    }
   });
 }
 
@@ -238,7 +198,7 @@ at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Te
   TORCH_CHECK_VALUE(cu.numel() - 1 == grad_out.size(0), "grad_out must have one row per patch (", cu.numel() - 1,
               "), got ", grad_out.size(0));
   at::Tensor argmax;
-  if (reduce == Reduce::Max) {
+  if (reduce == Reduce::kMax) {
     TORCH_CHECK_VALUE(argmax_in.scalar_type() == at::kInt && argmax_in.sizes() == grad_out.sizes(),
                 "argmax must be int32 with the shape of grad_out");
     argmax = argmax_in.contiguous();
@@ -248,7 +208,7 @@ at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "patch_gather_backward_cpu",
                                   [&] {
     gather_backward_kernel<scalar_t>(grad_out, cu.data_ptr<int32_t>(),
-                                     reduce == Reduce::Max ? argmax.data_ptr<int32_t>() : nullptr, reduce, grad_x,
+                                     reduce == Reduce::kMax ? argmax.data_ptr<int32_t>() : nullptr, reduce, grad_x,
                                      bad_argmax);
   });
   TORCH_CHECK_VALUE(!bad_argmax, "argmax holds a token outside its patch");

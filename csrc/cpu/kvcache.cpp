@@ -7,10 +7,9 @@
 // cached + new) otherwise). A query that sees no key outputs 0. Returns out [B, Sq, Hq, d] in q's dtype.
 //
 // One work unit per (row b, kv head): it writes that head's new keys, then reads each of its keys once for all
-// Hq / Hk * Sq query rows of the group: scores (16 keys at a time in the SIMD lanes), an exact two-pass softmax
-// per row, then out += p * v on register accumulators. Keys and values are read in place when they are float32
-// rows of a multiple of the SIMD width, else converted once into a padded buffer. Units own their output rows:
-// no atomics, deterministic.
+// Hq / Hk * Sq query rows of the group (the math: cpu/kernels/kvcache.inc, on the active instruction-set path). Keys
+// and values are read in place when they are float32 rows of a multiple of the widest vector, else converted once
+// into a padded buffer. Units own their output rows: no atomics, deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,171 +24,21 @@
 #include <type_traits>
 #include <vector>
 
-// Only the SIMD helpers of attention_tiles.h are used here; its static tile entry points are not.
-#if defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wunused-function"
-#endif
-#include "cpu/attention_tiles.h"
-#include "cpu/simd_fold.h"
+#include "cpu/isa.h"
+#include "cpu/kernels/tables.h"
 
 namespace dpar {
 namespace {
 
-using cpu::attention::padded_dim;
-using cpu::attention::Simd;
-using cpu::transpose_sum;
+using cpu::padded_len;
 
 // Multiply-adds below which waking another thread costs more than it saves (a wake-up is tens of microseconds on a
 // loaded machine); a call below it runs inline on the calling thread.
 constexpr int64_t kMinWorkPerThread = 1 << 19;
 
-// Column groups: a row of dp values is split into groups of up to kMaxGroup SIMD vectors, each handled by code
-// specialised for its vector count (d 16 or 64 in float32: one group of 1 or 4 vectors).
-constexpr int kMaxGroup = 8;
-// Bytes of value rows the PV pass streams per chunk before it revisits the other query rows (fits in L1).
-constexpr int64_t kChunkBytes = 16 << 10;
-
-// Lane i: q . key i over G vectors of columns (q and each key row start at the group's first column).
-template <typename T, int G>
-DPAR_INLINE typename Simd<T>::vec block_dots(const T* q, const T* k, int64_t k_stride) {
-  using S = Simd<T>;
-  constexpr int W = S::kWidth;
-  typename S::vec qv[G], dots[W];
-  for (int c = 0; c < G; ++c) qv[c] = S::load(q + c * W);
-  for (int i = 0; i < W; ++i) {
-    const T* ki = k + i * k_stride;
-    typename S::vec dot = qv[0] * S::load(ki);
-    for (int c = 1; c < G; ++c) dot += qv[c] * S::load(ki + c * W);
-    dots[i] = dot;
-  }
-  return transpose_sum<T>(dots);
-}
-
-// acc[0 : G * W] += sum_j p[j] * v row j, j < n, over independent accumulator chains (FMA latency).
-template <typename T, int G>
-DPAR_INLINE void add_values(const T* p, const T* v, int64_t v_stride, int64_t n, T* acc) {
-  using S = Simd<T>;
-  constexpr int W = S::kWidth, kChains = std::clamp(8 / G, 1, 4);  // up to 8 accumulators in flight
-  typename S::vec sum[kChains][G];
-  for (int u = 0; u < kChains; ++u)
-    for (int c = 0; c < G; ++c) sum[u][c] = u == 0 ? S::load(acc + c * W) : typename S::vec{};
-  int64_t j = 0;
-  for (; j + kChains <= n; j += kChains) {
-    for (int u = 0; u < kChains; ++u) {
-      const T pj = p[j + u];
-      const T* vj = v + (j + u) * v_stride;
-      for (int c = 0; c < G; ++c) sum[u][c] += pj * S::load(vj + c * W);
-    }
-  }
-  for (; j < n; ++j) {
-    for (int c = 0; c < G; ++c) sum[0][c] += p[j] * S::load(v + j * v_stride + c * W);
-  }
-  for (int u = 1; u < kChains; ++u)
-    for (int c = 0; c < G; ++c) sum[0][c] += sum[u][c];
-  for (int c = 0; c < G; ++c) S::store(acc + c * W, sum[0][c]);
-}
-
-// Calls f(std::integral_constant<int, G>{}, first vector) for each column group of a row of `vectors` vectors.
-template <typename F>
-DPAR_INLINE void for_each_group(int64_t vectors, F&& f) {
-  int64_t c = 0;
-  for (; c + kMaxGroup <= vectors; c += kMaxGroup) f(std::integral_constant<int, kMaxGroup>{}, c);
-  switch (vectors - c) {
-    case 1: f(std::integral_constant<int, 1>{}, c); break;
-    case 2: f(std::integral_constant<int, 2>{}, c); break;
-    case 3: f(std::integral_constant<int, 3>{}, c); break;
-    case 4: f(std::integral_constant<int, 4>{}, c); break;
-    case 5: f(std::integral_constant<int, 5>{}, c); break;
-    case 6: f(std::integral_constant<int, 6>{}, c); break;
-    case 7: f(std::integral_constant<int, 7>{}, c); break;
-    default: break;
-  }
-}
-
-// The math of one unit. q [rows][dp] (pre-scaled, padding zero); k, v: `keys` rows of dp values (padding zero) at
-// k_stride / v_stride; ends[r]: keys row r sees (<= keys); s scratch [rows][ld_s], ld_s >= keys rounded up to W;
-// tail scratch [W][dp]; norm scratch [rows]; acc [rows][dp] -> the normalised outputs (0 for a row that sees no
-// key). Pass 1: scores of W keys at a time, one key per lane (key block outer, so it is read once from memory for
-// all rows), hidden keys -inf; pass 2: exact softmax per row; pass 3: acc += p v over each row's visible keys only,
-// chunk by chunk of values. Only rows j < keys of k and j < ends[r] of v are ever read.
-template <typename T>
-DPAR_INLINE void decode_rows(const T* q, int64_t rows, int64_t dp, const T* k, int64_t k_stride, const T* v,
-                             int64_t v_stride, int64_t keys, const int64_t* ends, T* s, int64_t ld_s, T* tail,
-                             T* norm, T* acc) {
-  using S = Simd<T>;
-  using vec = typename S::vec;
-  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef I ivec __attribute__((vector_size(64)));
-  constexpr int W = S::kWidth;
-  const int64_t vectors = dp / W;
-  ivec lanes;
-  for (int i = 0; i < W; ++i) lanes[i] = i;
-  const vec minus_inf = vec{} - std::numeric_limits<T>::infinity();
-  for (int64_t j0 = 0; j0 < keys; j0 += W) {
-    const T* kb = k + j0 * k_stride;
-    int64_t kb_stride = k_stride;
-    if (keys - j0 < W) {  // the last, partial block: its keys copied into zero-padded scratch rows
-      std::fill(tail, tail + W * dp, T(0));
-      for (int64_t i = 0; i < keys - j0; ++i) std::copy_n(kb + i * k_stride, dp, tail + i * dp);
-      kb = tail;
-      kb_stride = dp;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      vec scores{};
-      for_each_group(vectors, [&](auto group, int64_t c) __attribute__((always_inline)) {
-        scores += block_dots<T, decltype(group)::value>(q + r * dp + c * W, kb + c * W, kb_stride);
-      });
-      const I visible = static_cast<I>(std::clamp<int64_t>(ends[r] - j0, 0, W));
-      S::store(s + r * ld_s + j0, lanes < visible ? scores : minus_inf);
-    }
-  }
-  std::fill(acc, acc + rows * dp, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    T* sr = s + r * ld_s;
-    const int64_t n = ends[r], padded = (n + W - 1) / W * W;
-    vec top_lanes = minus_inf;
-    for (int64_t j = 0; j < padded; j += W) {
-      const vec x = S::load(sr + j);
-      top_lanes = x > top_lanes ? x : top_lanes;
-    }
-    T top = -std::numeric_limits<T>::infinity();
-    for (int i = 0; i < W; ++i) top = std::max(top, top_lanes[i]);
-    vec total{};
-    for (int64_t j = 0; j < padded; j += W) {
-      const vec e = cpu::attention::exp_nonpositive(S::load(sr + j) - top);
-      S::store(sr + j, e);
-      total += e;
-    }
-    T sum = 0;
-    for (int i = 0; i < W; ++i) sum += total[i];
-    norm[r] = n > 0 ? T(1) / sum : T(0);
-  }
-  const int64_t chunk = std::max<int64_t>(W, kChunkBytes / static_cast<int64_t>(std::max<int64_t>(dp, W) * sizeof(T)));
-  for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = std::min(ends[r], c0 + chunk) - c0;
-      if (n <= 0) continue;
-      for_each_group(vectors, [&](auto group, int64_t c) __attribute__((always_inline)) {
-        add_values<T, decltype(group)::value>(s + r * ld_s + c0, v + c0 * v_stride + c * W, v_stride, n,
-                                              acc + r * dp + c * W);
-      });
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < dp; c += W) S::store(acc + r * dp + c, S::load(acc + r * dp + c) * norm[r]);
-  }
-}
-
-DPAR_SIMD_CLONES void decode_unit(const float* q, int64_t rows, int64_t dp, const float* k, int64_t k_stride,
-                                  const float* v, int64_t v_stride, int64_t keys, const int64_t* ends, float* s,
-                                  int64_t ld_s, float* tail, float* norm, float* acc) {
-  decode_rows(q, rows, dp, k, k_stride, v, v_stride, keys, ends, s, ld_s, tail, norm, acc);
-}
-void decode_unit(const double* q, int64_t rows, int64_t dp, const double* k, int64_t k_stride, const double* v,
-                 int64_t v_stride, int64_t keys, const int64_t* ends, double* s, int64_t ld_s, double* tail,
-                 double* norm, double* acc) {
-  decode_rows(q, rows, dp, k, k_stride, v, v_stride, keys, ends, s, ld_s, tail, norm, acc);
-}
+// The decode math of one unit on the active instruction-set path (cpu/isa.h, cpu/kernels/kvcache.inc).
+inline cpu::DecodeUnit<float> decode_unit(float) { return cpu::kvcache_kernels().f32; }
+inline cpu::DecodeUnit<double> decode_unit(double) { return cpu::kvcache_kernels().f64; }
 
 void check_float4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == 4, "kvcache_attention: ", name, " must be 4-D, got ", t.dim(), "-D");
@@ -216,7 +65,7 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), d = q.size(3);
   const int64_t max_keys = k_cache.size(1), heads_kv = k_cache.size(2), group = heads_q / heads_kv;
-  const int64_t rows = group * seqlen_q, dp = padded_dim<acc_t>(d);
+  const int64_t rows = group * seqlen_q, dp = padded_len<acc_t>(d);
   const bool appended = k.has_value();
   // float32 caches whose rows are whole SIMD vectors are read in place
   const bool in_place = std::is_same_v<scalar_t, acc_t> && dp == d;
@@ -228,7 +77,7 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
                                               std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(units, 1)));
 
   auto work = [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qs(rows * dp, acc_t(0)), acc(rows * dp), tail(Simd<acc_t>::kWidth * dp), norm(rows), s,
+    std::vector<acc_t> qs(rows * dp, acc_t(0)), acc(rows * dp), tail(cpu::kMaxVectorBytes / sizeof(acc_t) * dp), norm(rows), s,
         kbuf, vbuf;
     std::vector<int64_t> ends(rows);
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -250,7 +99,7 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         const scalar_t* src = q_rows.row(b, i, h * group + r / seqlen_q);
         for (int64_t c = 0; c < d; ++c) qs[r * dp + c] = static_cast<acc_t>(src[c]) * scale;
       }
-      const int64_t ld_s = padded_dim<acc_t>(keys);
+      const int64_t ld_s = padded_len<acc_t>(keys);
       if (static_cast<int64_t>(s.size()) < rows * ld_s) s.resize(rows * ld_s);
       const acc_t *kp, *vp;
       int64_t k_stride, v_stride;
@@ -275,8 +124,8 @@ void kvcache_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         vp = vbuf.data();
         k_stride = v_stride = dp;
       }
-      decode_unit(qs.data(), rows, dp, kp, k_stride, vp, v_stride, keys, ends.data(), s.data(), ld_s, tail.data(),
-                  norm.data(), acc.data());
+      decode_unit(acc_t{})(qs.data(), rows, dp, kp, k_stride, vp, v_stride, keys, ends.data(), s.data(), ld_s,
+                           tail.data(), norm.data(), acc.data());
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* dst = out_rows.row(b, r % seqlen_q, h * group + r / seqlen_q);
         for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(acc[r * dp + c]);
