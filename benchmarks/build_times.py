@@ -72,8 +72,9 @@ def main() -> None:
     for unit, seconds in sorted(units, key=lambda item: -item[1]):
         print(f"{seconds:8.1f} s  {unit}")
     kind = "CPU" if args.cpu else "wall (ninja log)"
-    print(f"{kind}: {len(units)} units, {sum(durations):.1f} s in all; longest unit (critical path) {max(durations):.1f} s; "
-          f"greedy schedule: {greedy_wall(durations, 2):.1f} s at 2 jobs, {greedy_wall(durations, 16):.1f} s at 16")
+    print(f"{kind}: {len(units)} units, {sum(durations):.1f} s in all; longest unit (critical path) "
+          f"{max(durations):.1f} s; greedy schedule: {greedy_wall(durations, 2):.1f} s at 2 jobs, "
+          f"{greedy_wall(durations, 16):.1f} s at 16")
 
 
 if __name__ == "__main__":

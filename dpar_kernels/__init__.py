@@ -6,8 +6,8 @@ Every op takes ``backend=None|"torch"|"cpu"|"cuda"|"triton"`` (see ``_dispatch``
 from importlib.metadata import PackageNotFoundError, version
 
 from ._checks import mark_validated, set_validation, validation_enabled
-from ._extension import cpu_isa
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, default_backend, set_default_backend
+from ._extension import cpu_isa
 from .attention import attended_pairs, varlen_attention
 from .entropy import linear_entropy, token_entropy
 from .gather_scatter import patch_gather, patch_scatter
@@ -23,7 +23,7 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "set_default_backend",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "set_default_backend", "cpu_isa",
     "mark_validated", "validation_enabled", "set_validation",
     "token_entropy", "linear_entropy",
     "entropy_patch_lengths", "lengths_to_cu_seqlens", "patch_ids", "cu_seqlens_from_position_ids",

@@ -29,21 +29,9 @@ def _load(path: str) -> dict:
 _TABLE = {"choices": _load(TABLE_PATH).get("choices", {}), "version": 0}
 
 
-def _isa() -> str:
-    if not _extension.HAS_CPU_OPS:
-        return "none"
-    if hasattr(_extension, "cpu_isa"):
-        return _extension.cpu_isa()
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()  # TEMP until merge
-    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "default"
-
-
-_ISA = _isa()  # fixed when _C loads; a constant, so torch.compile traces the choice without a graph break
-
-
 def cpu_isa() -> str:
     """The ISA path the C++ CPU kernels run ("avx512", "avx2" or "default"); "none" without the extension."""
-    return _ISA
+    return _extension.cpu_isa() or "none"
 
 
 def cpu_kernel_preferred(op: str, shape_class: str) -> bool:

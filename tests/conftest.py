@@ -21,7 +21,7 @@ os.environ["DPAR_CPU_CHOICE"] = os.path.join(os.path.dirname(os.path.abspath(__f
 # through scripts/test.sh) runs everything.
 FULL_TIER_ONLY = ("csrc/", "packaging/", "pipeline/", "model/test_compile_model.py", "model/test_generate_compile.py",
                   "model/test_gpu_model.py", "ops/test_attention_triton.py", "ops/test_faults.py",
-                  "ops/test_gpu_kernels.py", "ops/test_cpu_isa.py")
+                  "ops/test_gpu_kernels.py")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
