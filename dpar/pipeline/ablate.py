@@ -491,8 +491,8 @@ def report(result: dict) -> str:
         f"{name}: " + ", ".join(f"{n}: {share:.2f}" for n, share in sorted(h.items()))
         for name, h in result["patch_size_histogram"].items()) + " (dpar-shuffled: as entropy).",
         "", f"{result['seconds']:.0f} s wall on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch "
-        f"thread(s); load average {m['load_average']} at the start, {m['load_average_end']} at the end: the cores were shared). Files: ablation.json, nll_by_arm.png, "
-        "patch_sizes.png.", ""]
+        f"thread(s); load average {m['load_average']} at the start, {m['load_average_end']} at the end: the cores "
+        "were shared). Files: ablation.json, nll_by_arm.png, patch_sizes.png.", ""]
     return "\n".join(lines)
 
 
