@@ -2,9 +2,9 @@
 
 Crops of the photos (class = source photo; held-out crops come from held-out regions of each photo and share no
 pixel with a training crop, dpar.pipeline.data.leak_free_crops) -> palette tokenizer -> token datasets (train /
-held-out) -> entropy model -> patches at a target reduction -> the LlamaGen baseline, DPAR with entropy patches and DPAR with
-static patches of the same count, each trained to the same training-FLOP budget (same data order and seed, a
-progress line every 25 steps) -> report.md (tokens per image, reduction, FLOPs, steps, time, held-out NLL),
+held-out) -> entropy model -> patches at a target reduction -> the LlamaGen baseline, DPAR with entropy patches
+and DPAR with static patches of the same count, each trained to the same training-FLOP budget (same data order and
+seed, a progress line every 25 steps) -> report.md (tokens per image, reduction, FLOPs, steps, time, held-out NLL),
 nll_vs_flops.png, sample grids and an entropy / patch map. Every number in the report is computed by this run.
 """
 from __future__ import annotations
