@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from dpar.model.config import ModelConfig
+from dpar.model.config import ModelConfig, get_config
 from dpar.model.flops import baseline_training_flops
-from dpar.pipeline import ablate, data, intervals, patchify
-from dpar.pipeline.builders import make_config
+from dpar.model.patcher import PatchBatch
+from dpar.pipeline import ablate, data, intervals, objectives, patchify
+from dpar.pipeline.builders import build_model, make_config
 
 TINY = dict(ablate.QUICK, train_images=64, val_images=16, image_size=8, grid=4, colors=16,
             overrides=("global_layers=2",), budget_steps=4, batch_size=8, seeds=2, entropy_steps=8,
@@ -164,3 +165,19 @@ def test_cli_refuses_a_single_seed():
     ablate.add_arguments(parser)
     with pytest.raises(ValueError, match="--seeds must be at least 2"):
         ablate.main(parser.parse_args(["--out", "unused", "--seeds", "1"]))
+
+
+@pytest.mark.parametrize("kind", ["baseline", "dpar"])
+def test_token_nll_is_the_models_loss_token_by_token(kind):
+    torch.manual_seed(0)
+    config = get_config("tiny", vocab_size=16, num_classes=3, grid_height=4, grid_width=4, num_heads=2,
+                        num_kv_heads=2)
+    model = build_model(kind, dataclasses.asdict(config)).eval()
+    tokens = ablate.TokenSet(torch.randint(0, 16, (10, 16)), torch.randint(0, 3, (10,)), 4)
+    table = None if kind == "baseline" else patchify.PatchTable.from_entropies(torch.rand(10, 16), 0.5, 4, 4)
+    nll = ablate.token_nll(kind, model, tokens, table, batch_size=4)
+    assert nll.shape == (10, 16) and bool((nll > 0).all())
+    patches = None if table is None else PatchBatch.from_lengths(*table.batch(torch.arange(10)), 4)
+    with torch.no_grad():
+        loss = objectives.LossModule(kind, model, 4)(tokens.tokens, tokens.labels, patches)
+    assert float(nll.mean()) == pytest.approx(float(loss), rel=1e-5)
