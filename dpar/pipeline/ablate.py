@@ -442,21 +442,21 @@ def report(result: dict) -> str:
     layers = {arm: "/".join(map(str, m["layers"])) for arm, m in result["models"].items()}
     global_share = 100 * result["models"]["dpar-entropy"]["global_share_of_flops"]
     lines = ["# DPAR ablation: paired seeds at one training-FLOP budget", "",
-             f"Data: {split['train_crops']} training and {split['heldout_crops']} held-out crops of "
+             f"- Data: {split['train_crops']} training and {split['heldout_crops']} held-out crops of "
              f"{s['image_size']} px from {len(split['photos'])} scikit-image photos, {s['grid']}x{s['grid']} tokens "
              f"of a {s['colors']}-colour palette; held-out crops come from {split['heldout_regions']} held-out "
              f"regions ({split['train_regions']} for training) and "
              f"{split['heldout_crops_overlapping_training']} of them share a pixel with a training crop.",
-             f"Models: width {result['models']['baseline']['width']}; DPAR {layers['dpar-entropy']} "
+             f"- Models: width {result['models']['baseline']['width']}; DPAR {layers['dpar-entropy']} "
              f"(encoder/global/decoder; global stack {global_share:.0f}% "
              f"of its training FLOPs), baseline {sum(result['models']['baseline']['layers'])} layers, shallow "
              f"baseline {sum(result['models']['shallow-baseline']['layers'])} layers. Entropy threshold "
              f"{result['threshold']:.4f} nats: reduction {result['train_reduction']:.3f}x (train), "
              f"{result['heldout_reduction']:.3f}x (held-out), max patch {s['max_patch_size']}.",
-             f"Budget {result['flop_budget']:.3e} generator training FLOPs per run ({s['budget_steps']} baseline "
+             f"- Budget {result['flop_budget']:.3e} generator training FLOPs per run ({s['budget_steps']} baseline "
              f"steps of batch {s['batch_size']}), AdamW lr {s['lr']} with {100 * s['warmup']:.0f}% warmup and a "
              f"cosine over each run's own steps; seeds {result['seeds']} (init and data order, paired across arms).",
-             f"Entropy model (shared, not in the generator budget): {entropy['steps']} steps, "
+             f"- Entropy model (shared, not in the generator budget): {entropy['steps']} steps, "
              f"{entropy['train_flops']:.3e} training FLOPs, {entropy['inference_flops']:.3e} FLOPs to score "
              f"{entropy['inference_images']} crops; held-out loss at 1/4..4/4 of its steps: "
              + ", ".join(f"{v:.4f}" for _, v in entropy["heldout_loss_curve"]) + ".", ""]
@@ -491,7 +491,7 @@ def report(result: dict) -> str:
         f"{name}: " + ", ".join(f"{n}: {share:.2f}" for n, share in sorted(h.items()))
         for name, h in result["patch_size_histogram"].items()) + " (dpar-shuffled: as entropy).",
         "", f"{result['seconds']:.0f} s wall on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch "
-        f"thread(s); load average {m['load_average']} at the start, {m['load_average_end']} at the end: the cores "
+        f"thread(s); load average {m['load_average']} at the start, {m.get('load_average_end')} at the end: the cores "
         "were shared). Files: ablation.json, nll_by_arm.png, patch_sizes.png.", ""]
     return "\n".join(lines)
 
