@@ -45,9 +45,9 @@ CLAIMS = (("dpar-entropy", "dpar-static", "entropy patches beat static patches w
           ("dpar-entropy", "shallow-baseline", "DPAR beats a compute-matched shallower baseline (equal FLOPs and "
                                                "about equal steps)"))
 FULL = dict(train_images=4096, val_images=256, image_size=16, grid=8, colors=256, size="tiny-global", overrides=(),
-            budget_steps=96, batch_size=16, lr=1e-3, warmup=0.1, seeds=3, entropy_overrides=(), entropy_steps=400,
+            budget_steps=256, batch_size=8, lr=3e-3, warmup=0.1, seeds=3, entropy_overrides=(), entropy_steps=400,
             entropy_batch_size=32, entropy_lr=2e-3, target_reduction=1.8, max_patch_size=4, bins=4)
-QUICK = dict(FULL, train_images=512, val_images=64, overrides=("global_layers=3",), budget_steps=10,
+QUICK = dict(FULL, train_images=512, val_images=64, overrides=("global_layers=3",), budget_steps=20,
              entropy_steps=60)
 MIN_LR_SHARE = 0.1  # the cosine ends at this share of the peak lr
 
@@ -499,7 +499,7 @@ def report(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (ablation.json, report.md, PNGs, data)")
     parser.add_argument("--quick", action="store_true", help="small settings, same fields: under 3 minutes")
-    parser.add_argument("--budget-steps", type=int, help="the FLOP budget in baseline steps (default 96, quick 10)")
+    parser.add_argument("--budget-steps", type=int, help="the FLOP budget in baseline steps (default 256, quick 20)")
     parser.add_argument("--seeds", type=int, help="paired seeds 0..N-1 (default 3; at least 2 for intervals)")
     parser.add_argument("--entropy-steps", type=int, help="entropy model steps (default 400, quick 60)")
     parser.add_argument("--train-images", type=int)
