@@ -502,6 +502,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-steps", type=int, help="the FLOP budget in baseline steps (default 256, quick 20)")
     parser.add_argument("--seeds", type=int, help="paired seeds 0..N-1 (default 3; at least 2 for intervals)")
     parser.add_argument("--entropy-steps", type=int, help="entropy model steps (default 400, quick 60)")
+    parser.add_argument("--batch-size", type=int, help="generator batch size (default 8)")
+    parser.add_argument("--lr", type=float, help="generators' peak AdamW learning rate (default 3e-3)")
     parser.add_argument("--train-images", type=int)
     parser.add_argument("--val-images", type=int)
     parser.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="DPAR / baseline config fields")
@@ -512,7 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
-    for name in ("budget_steps", "seeds", "entropy_steps", "train_images", "val_images", "target_reduction"):
+    for name in ("budget_steps", "seeds", "entropy_steps", "batch_size", "lr", "train_images", "val_images",
+                 "target_reduction"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.override is not None:
