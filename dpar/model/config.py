@@ -129,6 +129,8 @@ _TINY = dict(vocab_size=64, num_classes=10, grid_height=4, grid_width=4, width=6
              encoder_layers=1, global_layers=2, decoder_layers=1, mlp_multiple_of=16)
 MODEL_CONFIGS = {
     "tiny": ModelConfig(**_TINY),
+    # global-heavy tiny DPAR for CPU ablations: 1/8/1 layers, head_dim 32; most of its FLOPs are in the global stack
+    "tiny-global": ModelConfig(**{**_TINY, "num_heads": 2, "num_kv_heads": 2, "global_layers": 8}),
     "B": ModelConfig(width=768, num_heads=12, num_kv_heads=12, encoder_layers=1, global_layers=8, decoder_layers=3),
     "L": ModelConfig(width=1024, num_heads=16, num_kv_heads=16, encoder_layers=1, global_layers=19,
                      decoder_layers=4),
@@ -145,7 +147,8 @@ ENTROPY_CONFIGS = {
 def get_config(name: str, **overrides) -> ModelConfig | EntropyConfig:
     """A named config with fields replaced by ``overrides``.
 
-    Names: "tiny", "B", "L", "XL" (ModelConfig; "tiny" runs on CPU) and "entropy", "entropy-tiny" (EntropyConfig).
+    Names: "tiny", "tiny-global", "B", "L", "XL" (ModelConfig; the tiny ones run on CPU) and "entropy",
+    "entropy-tiny" (EntropyConfig).
     """
     configs = {**MODEL_CONFIGS, **ENTROPY_CONFIGS}
     if name not in configs:

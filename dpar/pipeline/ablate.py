@@ -1,229 +1,420 @@
-"""`dpar ablate`: DPAR's claims tested side by side at small scale, every model at the same training-FLOP budget.
+"""`dpar ablate`: DPAR's claims at one training-FLOP budget, over paired seeds, with 95% intervals.
 
-On the embedded photographs (dpar.pipeline.data): an entropy model, then (a) the LlamaGen baseline, (b) DPAR with
-entropy patches (threshold for ~1.8x fewer global tokens, max patch 4), (c) DPAR with static patches (the same
-global tokens per image, dpar_kernels.patching.static_patch_lengths), (d) DPAR with one-token patches (threshold
--inf), and without --quick (h) DPAR with each of the authors' choices (dpar.model.config.AUTHORS_CHOICES). Every run
-has the same data order and seed and stops at the first step where its training FLOPs reach the budget; held-out
-NLL is measured at ``--points`` budget fractions. Then (e) the token reduction at the same threshold on 16x16 vs
-24x24 token crops, (f) the trained DPAR evaluated with max patch sizes 4/6/8 and raised thresholds, (g) the patch
-size histogram. Writes ablation.json, nll_vs_flops.png, patch_sizes.png and report.md into --out.
+Data: crops of every photo scikit-image ships offline, held-out crops cut from held-out regions only (no pixel shared
+with a training crop; dpar.pipeline.data.leak_free_crops), a palette tokenizer fitted on the training crops.
+An entropy model is trained once (warmup + cosine, to near convergence) and shared; its training and inference
+FLOPs are reported apart from the generators'. Arms, every one stopped at the first step where its training FLOPs
+reach the budget (``budget_steps`` steps of the baseline), with warmup + cosine over its own step count:
+
+- baseline: the LlamaGen baseline with DPAR's total depth;
+- shallow-baseline: a baseline whose FLOPs per step match DPAR's, so it gets DPAR's step count;
+- dpar-entropy: DPAR (global-heavy preset) on entropy patches (threshold for ``target_reduction``, max patch 4);
+- dpar-static: DPAR on static patches with the same global tokens per image;
+- dpar-shuffled: DPAR on each row's entropy patch lengths in a random order (same size histogram, blind to content).
+
+Each seed sets the initialisation and the data order, the same for every arm (paired). Reported per arm: final
+held-out NLL (mean and 95% t interval over seeds), NLL after the baseline's step count, NLL per entropy bin; and the
+paired differences of CLAIMS with their intervals. Writes ablation.json, report.md, nll_by_arm.png and
+patch_sizes.png into --out (ablation.json after every seed, so a cut-short run keeps what it finished).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
+import platform
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from dpar_kernels.patching import static_patch_lengths
+from ..model import flops as model_flops
+from ..model.config import EntropyConfig, ModelConfig
+from ..model.patcher import PatchBatch
+from . import budget_runs, data, intervals, objectives, patchify, train
+from .builders import build_model, make_config
 
-from ..model.config import AUTHORS_CHOICES, ModelConfig
-from ..model.flops import baseline_training_flops
-from . import data, objectives, patchify, train
-from .builders import load_model, make_config
-from .tokenizer import PaletteTokenizer
-
-MODEL_OVERRIDES = ("num_heads=2", "num_kv_heads=2")  # the tiny presets with head_dim 32
-FULL = dict(train_images=1024, val_images=256, image_size=32, grid=16, colors=256, steps=250, entropy_steps=300,
-            batch_size=16, lr=1e-3, points=6, choices=True)
-QUICK = dict(train_images=256, val_images=64, image_size=32, grid=16, colors=64, steps=40, entropy_steps=40,
-             batch_size=16, lr=1e-3, points=5, choices=False)
-AUTHOR_VARIANTS = {"authors-dropout": ("token_dropout", "resid_dropout", "ffn_dropout"),
-                   "authors-zero-head": ("zero_init_head",), "authors-rope-half-row": ("patch_rope_split",),
-                   "authors-refiner-attention-only": ("refiner_mlp",)}  # config fields set to AUTHORS_CHOICES
-EVAL_PATCH_SIZES, EVAL_THRESHOLD_RAISES = (4, 6, 8), (0.0, 1 / 3, 2 / 3)
-
-
-def prepare_data(out: str, settings: dict, seed: int) -> PaletteTokenizer:
-    """Crops -> fitted tokenizer (out/tokenizer.safetensors) -> out/data/{train,val} token datasets."""
-    photos = data.load_embedded_photos()
-    images, labels = data.random_crops(photos, settings["train_images"] + settings["val_images"],
-                                       settings["image_size"], seed)
-    count = settings["train_images"]
-    tokenizer = PaletteTokenizer.fit(images[:count], settings["colors"], settings["grid"], seed=seed)
-    tokenizer.save(os.path.join(out, "tokenizer.safetensors"))
-    codes = tokenizer.encode(images)
-    for split, part in (("train", slice(0, count)), ("val", slice(count, None))):
-        data.write_token_dataset(os.path.join(out, "data", split), codes[part], labels[part],
-                                 tokenizer.vocab_size, len(photos))
-    return tokenizer
+ARMS = ("baseline", "shallow-baseline", "dpar-entropy", "dpar-static", "dpar-shuffled")
+ARM_KINDS = {"baseline": "baseline", "shallow-baseline": "baseline", "dpar-entropy": "dpar", "dpar-static": "dpar",
+             "dpar-shuffled": "dpar"}
+CLAIMS = (("dpar-entropy", "dpar-static", "entropy patches beat static patches with the same tokens per image"),
+          ("dpar-entropy", "dpar-shuffled", "entropy patches beat the same patch sizes placed blind to content"),
+          ("dpar-entropy", "baseline", "DPAR beats the baseline of the same depth at equal FLOPs"),
+          ("dpar-entropy", "shallow-baseline", "DPAR beats a compute-matched shallower baseline (equal FLOPs and "
+                                               "about equal steps)"))
+FULL = dict(train_images=4096, val_images=256, image_size=16, grid=8, colors=256, size="tiny-global", overrides=(),
+            budget_steps=256, batch_size=8, lr=3e-3, warmup=0.1, seeds=3, entropy_overrides=(), entropy_steps=400,
+            entropy_batch_size=32, entropy_lr=2e-3, target_reduction=1.8, max_patch_size=4, bins=4)
+QUICK = dict(FULL, train_images=512, val_images=64, overrides=("global_layers=3",), budget_steps=20,
+             entropy_steps=60)
+MIN_LR_SHARE = 0.1  # the cosine ends at this share of the peak lr
 
 
-def train_model(kind: str, data_dir: str, out: str, settings: dict, seed: int, *, steps: int | None = None,
-                flop_budget: float | None = None, patches: str | None = None, overrides: tuple[str, ...] = (),
-                on_step=None) -> list[dict]:
-    """``dpar train KIND`` on CPU with the tiny preset (head_dim 32, plus ``overrides``), ``settings``' batch size
-    and lr, for ``steps`` or up to ``flop_budget``; ``patches``: a PatchTable file for DPAR."""
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    argv = [kind, "--data", data_dir, "--out", out, "--batch-size", str(settings["batch_size"]), "--seed", str(seed),
-            "--lr", str(settings["lr"]), "--quiet", "--device", "cpu", "--ckpt-every", "1000000000"]
-    argv += ["--steps", str(steps)] if steps is not None else []
-    argv += ["--flop-budget", repr(flop_budget)] if flop_budget is not None else []
-    argv += ["--patches", patches] if patches is not None else []
-    argv += ["--override", *MODEL_OVERRIDES, *overrides]
-    return train.train(parser.parse_args(argv), on_step=on_step)
+def warmup_cosine(step: int, steps: int, warmup: float) -> float:
+    """lr multiplier of 0-based ``step`` of ``steps``: linear warmup over the first ``warmup`` share of the steps,
+    then a cosine from 1 down to MIN_LR_SHARE at the last step."""
+    ramp = max(1, round(warmup * steps))
+    if step < ramp:
+        return (step + 1) / ramp
+    progress = (step - ramp) / max(1, steps - 1 - ramp)
+    return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class Progress:
-    """on_step callback: a line every ``every`` steps (loss, share of the budget, time left); held-out NLL at
-    ``points`` equally spaced fractions of the FLOP budget (the curve)."""
+@dataclasses.dataclass
+class TokenSet:
+    """A token dataset in memory: tokens int64 [N, T], labels int64 [N], grid_width."""
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    grid_width: int
 
-    def __init__(self, name: str, budget: float, points: int, evaluate_nll, every: int = 25):
-        self.name, self.budget, self.evaluate_nll, self.every = name, budget, evaluate_nll, every
-        self.marks = [budget * (k + 1) / points for k in range(points)]
-        self.curve: list[list[float]] = []
-        self.started = time.perf_counter()
+    @classmethod
+    def load(cls, root: str) -> TokenSet:
+        dataset = data.TokenGridDataset(root)
+        tokens, labels = objectives.load_batch(dataset, torch.arange(len(dataset)))
+        return cls(tokens, labels, dataset.grid_width)
 
-    def __call__(self, record: dict, model) -> None:
-        flops = record["cum_flops"]
-        if self.marks and flops >= self.marks[0]:
-            while self.marks and flops >= self.marks[0]:
-                self.marks.pop(0)
-            self.curve.append([flops, self.evaluate_nll(model)])
-        if record["step"] % self.every == 0 or not self.marks:
-            elapsed = time.perf_counter() - self.started
-            share = min(flops / self.budget, 1.0)
-            left = elapsed * (1 - share) / share if share else float("nan")
-            held = f", held-out {self.curve[-1][1]:.4f}" if self.curve else ""
-            print(f"  [{self.name}] step {record['step']}: loss {record['loss']:.4f}{held}, "
-                  f"{100 * share:.0f}% of the FLOP budget, {elapsed:.0f}s, ~{left:.0f}s left", flush=True)
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
-def _nll_function(val, val_table, batch_size: int):
-    source = None if val_table is None else objectives.PatchSource(table=val_table)
+def shuffled_table(table: patchify.PatchTable, seed: int) -> patchify.PatchTable:
+    """``table`` with the patch lengths of every grid row permuted at random (``seed``): each row keeps its
+    multiset of lengths (so the size histogram and the patches per image stay), the boundaries ignore content."""
+    lengths = table.patch_lengths.long()
+    start = torch.cumsum(lengths, 0) - lengths  # token offset of each patch; every image holds T tokens
+    row = start // table.grid_width  # a global row index: patches never cross a row
+    keys = row.double() + torch.rand(len(row), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = torch.argsort(keys)
+    return patchify.PatchTable(table.patch_lengths[order].contiguous(), table.cu_patches, table.entropies,
+                               table.threshold, table.max_patch_size, table.grid_width)
 
-    def nll(model) -> float:
-        return objectives.heldout_loss(objectives.LossModule(model, val.grid_width), val, source, batch_size)
-    return nll
+
+def step_flops(kind: str, config, table, indices: torch.Tensor) -> float:
+    """Generator training FLOPs of one step on items ``indices`` (dpar.model.flops, the paper's convention)."""
+    if kind == "baseline":
+        return float(model_flops.baseline_training_flops(config, len(indices))["total"])
+    patches = PatchBatch.from_lengths(*table.batch(indices), table.grid_width)
+    return float(model_flops.dpar_training_flops(config, patches)["total"])
 
 
-def budget_run(name: str, kind: str, patching: str, out: str, settings: dict, seed: int, budget: float,
-               train_dir: str, val, tables: tuple | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    """One training run stopped at ``budget`` FLOPs, with its held-out curve. ``tables`` = (train, val)
-    PatchTables for DPAR (None for the baseline); ``overrides``: config fields ("key=value")."""
-    run_dir = os.path.join(out, "runs", name)
-    os.makedirs(run_dir, exist_ok=True)
-    train_table, val_table = tables or (None, None)
-    patches = None
-    if train_table is not None:
-        patches = os.path.join(run_dir, "patches.pt")
-        train_table.save(patches)
-    progress = Progress(name, budget, settings["points"], _nll_function(val, val_table, settings["batch_size"]))
-    print(f"training {name} ({patching}) to {budget:.3e} FLOPs", flush=True)
+def steps_to_budget(kind: str, config, table, budget: float, items: int, batch_size: int, seed: int) -> list[float]:
+    """FLOPs of each step of a run in data order ``seed`` up to the first step whose cumulative FLOPs reach
+    ``budget`` (its length is the run's step count)."""
+    costs, total = [], 0.0
+    while total < budget:
+        costs.append(step_flops(kind, config, table, train.batch_indices(len(costs), batch_size, items, seed)))
+        total += costs[-1]
+    return costs
+
+
+@torch.no_grad()
+def token_nll(kind: str, model, tokens: TokenSet, table, batch_size: int = 64) -> torch.Tensor:
+    """float32 [N, T]: held-out NLL of every token of ``tokens`` (a TokenSet) under ``model`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for start in range(0, len(tokens), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(tokens)))
+        grid, labels = tokens.tokens[indices], tokens.labels[indices]
+        patches = None if table is None else PatchBatch.from_lengths(*table.batch(indices), tokens.grid_width)
+        logits = model(grid, labels) if kind == "baseline" else model(grid, labels, patches)
+        nll = torch.nn.functional.cross_entropy(logits.float(), grid.reshape(-1), reduction="none")
+        rows.append(nll.reshape(grid.shape))
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+def train_generator(kind: str, config, train_set: TokenSet, table, costs: list[float], settings: dict, seed: int,
+                    evaluate_at: dict) -> tuple[torch.nn.Module, dict]:
+    """Train a fresh ``kind`` model for len(costs) steps (AdamW as `dpar train`, warmup + cosine over those steps,
+    data order and init from ``seed``); ``evaluate_at`` {step: fn(model) -> value} is called after those steps.
+    Returns (model, {step: value})."""
+    torch.manual_seed(seed)
+    model = build_model(kind, dataclasses.asdict(config))
+    optimizer = train.make_optimizer(model, settings["lr"], (0.9, 0.95), 0.05)
+    loss_module = objectives.LossModule(model, train_set.grid_width)
+    results, steps = {}, len(costs)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings["lr"] * warmup_cosine(step, steps, settings["warmup"])
+        indices = train.batch_indices(step, settings["batch_size"], len(train_set), seed)
+        torch.manual_seed(seed * 1_000_003 + step * 1_009)  # class-label dropout of this step
+        patches = None if table is None else loss_module.patch_batch(table.batch(indices), "cpu")
+        loss = loss_module(train_set.tokens[indices], train_set.labels[indices], patches)
+        if not torch.isfinite(loss):
+            raise ValueError(f"{kind} run (seed {seed}) reached a non-finite loss at step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step + 1 in evaluate_at:
+            results[step + 1] = evaluate_at[step + 1](model)
+    return model, results
+
+
+def train_entropy_model(train_set: TokenSet, val_set: TokenSet, config: EntropyConfig, settings: dict,
+                        seed: int) -> tuple[torch.nn.Module, dict]:
+    """The shared entropy model: ``entropy_steps`` steps of warmup + cosine, held-out loss at 1/4 .. 4/4 of them
+    (the last two show how close to convergence it is). Returns (model in eval mode, its record)."""
+    torch.manual_seed(seed)
+    model = build_model("entropy", dataclasses.asdict(config))
+    optimizer = train.make_optimizer(model, settings["entropy_lr"], (0.9, 0.95), 0.05)
+    steps, batch = settings["entropy_steps"], settings["entropy_batch_size"]
+    marks, curve = {round(steps * k / 4) for k in range(1, 5)}, []
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings["entropy_lr"] * warmup_cosine(step, steps, settings["warmup"])
+        loss = model.loss(train_set.tokens[train.batch_indices(step, batch, len(train_set), seed)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step + 1 in marks:
+            model.eval()
+            with torch.no_grad():
+                heldout = sum(float(model.loss(val_set.tokens[i:i + 64])) * len(val_set.tokens[i:i + 64])
+                              for i in range(0, len(val_set), 64)) / len(val_set)
+            model.train()
+            curve.append([step + 1, heldout])
+    model.eval()
+    sample = train_set.tokens[:batch]
+    with FlopCounterMode(display=False) as counter:
+        build_model("entropy", dataclasses.asdict(config)).loss(sample).backward()
+    train_step = float(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.loss(sample)
+    per_image = float(counter.get_total_flops()) / batch
+    scored = len(train_set) + len(val_set)
+    return model, {"config": dataclasses.asdict(config), "steps": steps, "batch_size": batch,
+                   "heldout_loss_curve": curve, "train_flops": train_step * steps,
+                   "inference_flops": per_image * scored, "inference_images": scored}
+
+
+def entropy_bins(entropies: torch.Tensor, bins: int) -> tuple[list[float], torch.Tensor]:
+    """(edges, bin int64 [N, T-1]): token i >= 1 falls in the entropy-quantile bin of H_{i-1} (the entropy model's
+    uncertainty about it); ``bins`` equally populated bins over the held-out tokens."""
+    before = entropies[:, :-1].double()
+    edges = torch.quantile(before.reshape(-1), torch.linspace(0, 1, bins + 1, dtype=torch.float64))
+    index = torch.bucketize(before, edges[1:-1], right=True)
+    return edges.tolist(), index
+
+
+def arm_configs(settings: dict, train_root: str, entropy_table, seed: int) -> dict:
+    """{arm: ModelConfig}: DPAR and the full-depth baseline from the preset (+ overrides); the shallow baseline's
+    depth is the one whose FLOPs per step come closest to dpar-entropy's mean over its first steps."""
+    dataset = data.TokenGridDataset(train_root)
+    dpar_config = ModelConfig(**make_config("dpar", settings["size"], dataset, list(settings["overrides"])))
+    batch = settings["batch_size"]
+    probe = [step_flops("dpar", dpar_config, entropy_table, train.batch_indices(s, batch, len(dataset), seed))
+             for s in range(8)]
+    target = sum(probe) / len(probe)
+
+    def baseline_of_depth(depth: int) -> ModelConfig:
+        return dataclasses.replace(dpar_config, encoder_layers=0, global_layers=depth, decoder_layers=0)
+
+    depths = range(1, dpar_config.total_layers)
+    shallow = min(depths, key=lambda d: abs(model_flops.baseline_training_flops(baseline_of_depth(d), batch)["total"]
+                                            - target))
+    return {"baseline": dpar_config, "shallow-baseline": baseline_of_depth(shallow), "dpar-entropy": dpar_config,
+            "dpar-static": dpar_config, "dpar-shuffled": dpar_config}
+
+
+def prepare(out: str, settings: dict) -> dict:
+    """Data, the shared entropy model, the threshold and the (train, held-out) patch tables."""
+    tokenizer = budget_runs.prepare_data(out, settings, seed=0)
+    train_root, val_root = os.path.join(out, "data", "train"), os.path.join(out, "data", "val")
+    train_set, val_set = TokenSet.load(train_root), TokenSet.load(val_root)
+    dataset = data.TokenGridDataset(train_root)
+    entropy_config = EntropyConfig(**make_config("entropy", "tiny", dataset,
+                                                 ["num_heads=2", "num_kv_heads=2", *settings["entropy_overrides"]]))
+    print(f"training the entropy model ({settings['entropy_steps']} steps)", flush=True)
+    entropy_model, entropy_record = train_entropy_model(train_set, val_set, entropy_config, settings, seed=0)
+    entropies = {"train": patchify.dataset_entropies(entropy_model, data.TokenGridDataset(train_root)),
+                 "val": patchify.dataset_entropies(entropy_model, data.TokenGridDataset(val_root))}
+    width, size = train_set.grid_width, settings["max_patch_size"]
+    threshold = patchify.threshold_for_reduction(entropies["train"], settings["target_reduction"], size, width)
+    entropy = {s: patchify.PatchTable.from_entropies(entropies[s], threshold, size, width) for s in entropies}
+    per_image = round(entropy["train"].patch_lengths.numel() / len(entropy["train"]))
+    static = {s: budget_runs.static_table(per_image, entropies[s], width) for s in entropies}
+    with open(os.path.join(out, "data", "split.json")) as f:
+        split = json.load(f)
+    return {"tokenizer": tokenizer, "train": train_set, "val": val_set, "train_root": train_root,
+            "entropy": entropy, "static": static, "threshold": threshold, "entropy_record": entropy_record,
+            "entropies": entropies, "split": split}
+
+
+def arm_tables(prepared: dict, arm: str, seed: int) -> tuple:
+    """(train, held-out) patch tables of ``arm`` (None for the baselines); dpar-shuffled's depend on ``seed``."""
+    if ARM_KINDS[arm] == "baseline":
+        return None, None
+    if arm == "dpar-shuffled":
+        return (shuffled_table(prepared["entropy"]["train"], seed),
+                shuffled_table(prepared["entropy"]["val"], seed + 7919))
+    source = prepared["entropy" if arm == "dpar-entropy" else "static"]
+    return source["train"], source["val"]
+
+
+def run_arm(arm: str, config, prepared: dict, settings: dict, seed: int, budget: float, equal_steps: int,
+            bins: torch.Tensor) -> dict:
+    """One arm, one seed: trained to ``budget``; held-out NLL after ``equal_steps`` steps and at the end (overall
+    and per entropy bin)."""
+    kind = ARM_KINDS[arm]
+    train_table, val_table = arm_tables(prepared, arm, seed)
+    train_set, val_set = prepared["train"], prepared["val"]
+    costs = steps_to_budget(kind, config, train_table, budget, len(train_set), settings["batch_size"], seed)
+
+    def heldout(model) -> torch.Tensor:
+        return token_nll(kind, model, val_set, val_table)
+
+    evaluate_at = {len(costs): heldout}
+    if equal_steps < len(costs):
+        evaluate_at[equal_steps] = heldout
     started = time.perf_counter()
-    records = train_model(kind, train_dir, run_dir, settings, seed, flop_budget=budget, patches=patches,
-                          overrides=overrides, on_step=progress)
-    seconds = time.perf_counter() - started
-    def per_image(table) -> float:
-        return float(val.tokens_per_image) if table is None else table.patch_lengths.numel() / len(table)
-    return {"name": name, "kind": kind, "patching": patching, "global_tokens_per_image": per_image(train_table),
-            "heldout_global_tokens_per_image": per_image(val_table),
-            "train_flops": records[-1]["cum_flops"], "flop_budget": budget, "steps": records[-1]["step"],
-            "flops_per_step": records[-1]["cum_flops"] / records[-1]["step"], "curve": progress.curve,
-            "final_nll": progress.curve[-1][1], "final_train_loss": records[-1]["loss"], "seconds": seconds,
-            "overrides": list(overrides)}
+    _, results = train_generator(kind, config, train_set, train_table, costs, settings, seed, evaluate_at)
+    final = results[len(costs)]
+    later = final[:, 1:]
+    per_bin = [float(later[bins == b].mean()) for b in range(settings["bins"])]
+    tokens = val_set.tokens.shape[1] if val_table is None else val_table.patch_lengths.numel() / len(val_table)
+    record = {"arm": arm, "seed": seed, "kind": kind, "steps": len(costs), "train_flops": sum(costs),
+              "last_step_flops": costs[-1], "flops_per_step": sum(costs) / len(costs),
+              "final_nll": float(final.mean()), "equal_steps_nll": float(results.get(equal_steps, final).mean()),
+              "bin_nll": per_bin, "heldout_global_tokens_per_image": float(tokens),
+              "seconds": time.perf_counter() - started}
+    print(f"  [{arm} seed {seed}] {len(costs)} steps, held-out NLL {record['final_nll']:.4f} "
+          f"(after {equal_steps} steps {record['equal_steps_nll']:.4f}), {record['seconds']:.0f}s", flush=True)
+    return record
 
 
-def static_table(patches_per_image: int, entropies: torch.Tensor, grid_width: int) -> patchify.PatchTable:
-    """Static patches (static_patch_lengths), ``patches_per_image`` per item of ``entropies`` [N, T]."""
-    lengths, cu = static_patch_lengths(entropies.shape[0], grid_height=entropies.shape[1] // grid_width,
-                                       grid_width=grid_width, patches_per_image=patches_per_image)
-    return patchify.PatchTable(lengths, cu, entropies, float("nan"), int(lengths.max()), grid_width)
+def summarise(runs: list[dict], settings: dict) -> dict:
+    """Per-arm means with intervals and the paired CLAIMS differences, over the seeds every arm finished."""
+    seeds = sorted({r["seed"] for r in runs})
+    seeds = [s for s in seeds if all(any(r["arm"] == a and r["seed"] == s for r in runs) for a in ARMS)]
+    if len(seeds) < 2:
+        return {"seeds_complete": seeds}
+    value = {(r["arm"], r["seed"]): r for r in runs}
+
+    def series(arm: str, key: str, bin_index: int | None = None) -> list[float]:
+        return [value[arm, s][key] if bin_index is None else value[arm, s][key][bin_index] for s in seeds]
+
+    arms = {arm: {"final_nll": intervals.mean_interval(series(arm, "final_nll")),
+                  "equal_steps_nll": intervals.mean_interval(series(arm, "equal_steps_nll")),
+                  "bin_nll": [intervals.mean_interval(series(arm, "bin_nll", b)) for b in range(settings["bins"])],
+                  "steps": series(arm, "steps"), "flops_per_step": series(arm, "flops_per_step")}
+            for arm in ARMS}
+    differences = {}
+    for first, second, claim in CLAIMS:
+        diff = intervals.paired_difference(series(first, "final_nll"), series(second, "final_nll"))
+        diff["equal_steps"] = intervals.paired_difference(series(first, "equal_steps_nll"),
+                                                          series(second, "equal_steps_nll"))
+        diff["bins"] = [intervals.paired_difference(series(first, "bin_nll", b), series(second, "bin_nll", b))
+                        for b in range(settings["bins"])]
+        diff["claim"] = claim
+        diff["sentence"] = claim_sentence(f"{first} - {second}", claim, diff)
+        differences[f"{first} - {second}"] = diff
+    return {"seeds_complete": seeds, "arms": arms, "differences": differences}
 
 
-def baseline_step_flops(train_dir: str, batch_size: int) -> float:
-    dataset = data.TokenGridDataset(train_dir)
-    config = ModelConfig(**make_config("baseline", "tiny", dataset, list(MODEL_OVERRIDES)))
-    return float(baseline_training_flops(config, batch_size)["total"])
+def claim_sentence(name: str, claim: str, diff: dict) -> str:
+    """One sentence: does the 95% interval of the paired held-out NLL difference exclude zero."""
+    interval = f"{diff['mean']:+.4f} nats [{diff['low']:+.4f}, {diff['high']:+.4f}] over {diff['n']} seeds"
+    if diff["sign"] == "lower":
+        verdict = "the interval excludes zero: supported"
+    elif diff["sign"] == "higher":
+        verdict = "the interval excludes zero in the other direction: contradicted"
+    else:
+        verdict = "the interval contains zero: not resolved at this scale"
+    return f"'{claim}' ({name} = {interval}): {verdict}."
 
 
-def resolution_reduction(out: str, tokenizer: PaletteTokenizer, entropy_ckpt: str, threshold: float,
-                         max_patch_size: int, settings: dict, seed: int) -> dict:
-    """(e): reduction T/P at ``threshold`` on held-out crops tokenized at the base grid and at 1.5x the grid (16x16
-    vs 24x24 tokens from 1.5x larger crops, same pixels per token), scored by the base entropy model (its RoPE
-    extends to the larger grid) and by an entropy model trained the same way on the larger grid."""
-    photos = data.load_embedded_photos()
-    grid, result = settings["grid"], {}
-    large = grid * 3 // 2
-    images, labels = data.random_crops(photos, settings["train_images"] + settings["val_images"],
-                                       settings["image_size"] * 3 // 2, seed)
-    large_tokenizer = PaletteTokenizer(tokenizer.palette, large)
-    codes = large_tokenizer.encode(images)
-    count = settings["train_images"]
-    large_dir = os.path.join(out, "data_large")
-    for split, part in (("train", slice(0, count)), ("val", slice(count, None))):
-        data.write_token_dataset(os.path.join(large_dir, split), codes[part], labels[part], tokenizer.vocab_size,
-                                 len(photos))
-    base_model, info = load_model(entropy_ckpt, "entropy")
-    stretched, _ = load_model(entropy_ckpt, "entropy")
-    stretched.config = dataclasses.replace(base_model.config, grid_height=large, grid_width=large)
-    large_ckpt = os.path.join(out, "entropy_large")
-    print(f"training the entropy model on {large}x{large} tokens", flush=True)
-    train_model("entropy", os.path.join(large_dir, "train"), large_ckpt, settings, seed,
-                steps=settings["entropy_steps"])
-    own_model, _ = load_model(os.path.join(large_ckpt, train.CHECKPOINT), "entropy")
-    base_val = data.TokenGridDataset(os.path.join(out, "data", "val"))
-    large_val = data.TokenGridDataset(os.path.join(large_dir, "val"))
-    for label, model, dataset in ((f"{grid}x{grid}", base_model, base_val),
-                                  (f"{large}x{large} (entropy model of {grid}x{grid})", stretched, large_val),
-                                  (f"{large}x{large} (own entropy model)", own_model, large_val)):
-        entropies = patchify.dataset_entropies(model, dataset)
-        table = patchify.PatchTable.from_entropies(entropies, threshold, max_patch_size, dataset.grid_width)
-        result[label] = {"tokens_per_image": dataset.tokens_per_image,
-                         "patches_per_image": table.patch_lengths.numel() / len(table),
-                         "reduction": table.reduction, "mean_entropy": float(entropies.mean())}
+def machine() -> dict:
+    """CPU (model name, family, model), cores, torch threads and version, load average at the time of the call."""
+    fields = {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    cpu = fields.get("model name", platform.processor())
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def run_ablation(out: str, settings: dict, seeds: list[int] | None = None) -> dict:
+    """The whole ablation into ``out``; returns the ablation.json content."""
+    started = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    seeds = list(range(settings["seeds"])) if seeds is None else seeds
+    prepared = prepare(out, settings)
+    configs = arm_configs(settings, prepared["train_root"], prepared["entropy"]["train"], seeds[0])
+    batch = settings["batch_size"]
+    budget = settings["budget_steps"] * model_flops.baseline_training_flops(configs["baseline"], batch)["total"]
+    edges, bins = entropy_bins(prepared["entropies"]["val"], settings["bins"])
+    sample = PatchBatch.from_lengths(*prepared["entropy"]["train"].batch(torch.arange(batch)),
+                                     prepared["train"].grid_width)
+    dpar_components = model_flops.dpar_training_flops(configs["dpar-entropy"], sample)
+    models = {arm: {"kind": ARM_KINDS[arm], "layers": [c.encoder_layers, c.global_layers, c.decoder_layers],
+                    "width": c.width, "num_heads": c.num_heads} for arm, c in configs.items()}
+    models["dpar-entropy"]["global_share_of_flops"] = dpar_components["global"] / dpar_components["total"]
+    result = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, "seeds": seeds,
+              "data": prepared["split"], "threshold": prepared["threshold"],
+              "train_reduction": prepared["entropy"]["train"].reduction,
+              "heldout_reduction": prepared["entropy"]["val"].reduction,
+              "flop_budget": budget, "equal_steps": settings["budget_steps"], "models": models,
+              "entropy_model": prepared["entropy_record"], "entropy_bin_edges": edges,
+              "patch_size_histogram": patch_histogram({"entropy": prepared["entropy"]["train"],
+                                                       "static": prepared["static"]["train"]}),
+              "machine": machine(), "runs": []}
+    for seed in seeds:
+        for arm in ARMS:
+            result["runs"].append(run_arm(arm, configs[arm], prepared, settings, seed, budget,
+                                          settings["budget_steps"], bins))
+        result.update(summarise(result["runs"], settings), seconds=time.perf_counter() - started)
+        result["machine"]["load_average_end"] = machine()["load_average"]
+        with open(os.path.join(out, "ablation.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    plot_arms(result, os.path.join(out, "nll_by_arm.png"))
+    plot_histogram(result["patch_size_histogram"], os.path.join(out, "patch_sizes.png"))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report(result))
     return result
 
 
-def patch_size_tolerance(run_dir: str, val, val_entropies: torch.Tensor, threshold: float, batch_size: int) -> list:
-    """(f): held-out NLL and global steps per image of the trained entropy-patch DPAR at other max patch sizes and
-    raised thresholds (patches cut on the held-out set). A raise r moves the threshold from its entropy quantile q
-    to the quantile q + r (1 - q): r = 1/3 removes a third of the cuts the trained threshold makes."""
-    model, _ = load_model(os.path.join(run_dir, train.CHECKPOINT), "dpar")
-    values = val_entropies.reshape(-1).double()
-    below = float((values <= threshold).double().mean())
-    rows = []
-    for raise_ in EVAL_THRESHOLD_RAISES:
-        raised = threshold if raise_ == 0 else float(values.quantile(below + raise_ * (1 - below)))
-        for size in EVAL_PATCH_SIZES:
-            table = patchify.PatchTable.from_entropies(val_entropies, raised, size, val.grid_width)
-            nll = _nll_function(val, table, batch_size)(model)
-            rows.append({"threshold": raised, "threshold_raise": raise_, "max_patch_size": size,
-                         "global_steps_per_image": table.patch_lengths.numel() / len(table),
-                         "reduction": table.reduction, "heldout_nll": nll})
-    return rows
-
-
 def patch_histogram(tables: dict) -> dict:
-    """(g): {name: {length: share of patches}} of the training patch tables."""
+    """{name: {length: share of patches}} of the training patch tables."""
     return {name: {int(length): count / table.patch_lengths.numel()
                    for length, count in enumerate(torch.bincount(table.patch_lengths.long()).tolist()) if count}
             for name, table in tables.items()}
 
 
-def plot_curves(runs: list[dict], path: str) -> None:
+def plot_arms(result: dict, path: str) -> None:
+    """Final held-out NLL per arm: each seed (dots) and the mean with its 95% interval."""
     from .sample import _pyplot
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        flops, nll = zip(*run["curve"])
-        axis.plot([f / 1e12 for f in flops], nll, marker="o", label=f"{run['name']} ({run['patching']})")
-    axis.set_xlabel("training TFLOPs")
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for x, arm in enumerate(ARMS):
+        values = [r["final_nll"] for r in result["runs"] if r["arm"] == arm]
+        axis.scatter([x] * len(values), values, color="grey", s=12, zorder=2)
+        stats = result.get("arms", {}).get(arm, {}).get("final_nll")
+        if stats:
+            axis.errorbar([x + 0.15], [stats["mean"]], yerr=[[stats["mean"] - stats["low"]],
+                                                            [stats["high"] - stats["mean"]]], fmt="o", capsize=4)
+    axis.set_xticks(range(len(ARMS)), ARMS, fontsize=8)
     axis.set_ylabel("held-out NLL (nats / token)")
-    axis.set_title("Held-out NLL at equal training FLOPs")
+    axis.set_title("Final held-out NLL at equal training FLOPs (mean, 95% t interval)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def plot_histogram(histogram: dict, path: str) -> None:
+    """Share of patches per patch length, one bar group per patching."""
     from .sample import _pyplot
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.5))
@@ -241,128 +432,96 @@ def plot_histogram(histogram: dict, path: str) -> None:
     plt.close(figure)
 
 
-def runs_table(runs: list[dict]) -> str:
-    """Markdown table of budget runs."""
-    header = ["run", "patching", "global tokens / image", "train FLOPs", "steps", "held-out NLL", "seconds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in runs:
-        lines.append(f"| {run['name']} | {run['patching']} | {run['global_tokens_per_image']:.2f} | "
-                     f"{run['train_flops']:.3e} | {run['steps']} | {run['final_nll']:.4f} | {run['seconds']:.0f} |")
-    return "\n".join(lines)
-
-
-def prepare_patches(out: str, settings: dict, seed: int, target_reduction: float, max_patch_size: int = 4):
-    """Data, the entropy model and the (train, val) PatchTables of the entropy, static and one-token runs."""
-    tokenizer = prepare_data(out, settings, seed)
-    train_dir, val_dir = os.path.join(out, "data", "train"), os.path.join(out, "data", "val")
-    entropy_dir = os.path.join(out, "entropy")
-    print(f"training the entropy model ({settings['entropy_steps']} steps)", flush=True)
-    train_model("entropy", train_dir, entropy_dir, settings, seed, steps=settings["entropy_steps"])
-    entropy_ckpt = os.path.join(entropy_dir, train.CHECKPOINT)
-    entropy_model, _ = load_model(entropy_ckpt, "entropy")
-    val = data.TokenGridDataset(val_dir)
-    entropies = {"train": patchify.dataset_entropies(entropy_model, data.TokenGridDataset(train_dir)),
-                 "val": patchify.dataset_entropies(entropy_model, val)}
-    threshold = patchify.threshold_for_reduction(entropies["train"], target_reduction, max_patch_size,
-                                                 val.grid_width)
-    entropy_tables = tuple(patchify.PatchTable.from_entropies(entropies[s], threshold, max_patch_size,
-                                                              val.grid_width) for s in ("train", "val"))
-    per_image = round(entropy_tables[0].patch_lengths.numel() / len(entropy_tables[0]))
-    tables = {"entropy": entropy_tables,
-              "static": tuple(static_table(per_image, entropies[s], val.grid_width) for s in ("train", "val")),
-              "one-token": tuple(patchify.PatchTable.from_entropies(entropies[s], float("-inf"), 1, val.grid_width)
-                                 for s in ("train", "val"))}
-    return tokenizer, entropy_model, entropy_ckpt, threshold, entropies, tables
-
-
-def run_ablation(out: str, settings: dict, seed: int = 0, target_reduction: float = 1.8) -> dict:
-    """All of the ablation into ``out``; returns the ablation.json content."""
-    started = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
-    tokenizer, _, entropy_ckpt, threshold, entropies, tables = prepare_patches(out, settings, seed, target_reduction)
-    train_dir = os.path.join(out, "data", "train")
-    val = data.TokenGridDataset(os.path.join(out, "data", "val"))
-    budget = settings["steps"] * baseline_step_flops(train_dir, settings["batch_size"])
-    common = (out, settings, seed, budget, train_dir, val)
-    runs = [budget_run("baseline", "baseline", "every token (LlamaGen)", *common),
-            budget_run("dpar-entropy", "dpar", f"entropy, threshold {threshold:.3f}, max 4", *common,
-                       tables["entropy"]),
-            budget_run("dpar-static", "dpar", "static, same tokens / image", *common, tables["static"]),
-            budget_run("dpar-one-token", "dpar", "one token per patch (threshold -inf)", *common,
-                       tables["one-token"])]
-    if settings["choices"]:
-        for name, keys in AUTHOR_VARIANTS.items():
-            overrides = tuple(f"{k}={int(v) if isinstance(v, bool) else v}"
-                              for k, v in AUTHORS_CHOICES.items() if k in keys)
-            runs.append(budget_run(name, "dpar", "entropy, " + " ".join(overrides), *common, tables["entropy"],
-                                   overrides))
-    resolution = resolution_reduction(out, tokenizer, entropy_ckpt, threshold, 4, settings, seed)
-    tolerance = patch_size_tolerance(os.path.join(out, "runs", "dpar-entropy"), val, entropies["val"], threshold,
-                                     settings["batch_size"])
-    histogram = patch_histogram({name: pair[0] for name, pair in tables.items() if name != "one-token"})
-    result = {"settings": settings, "seed": seed, "target_reduction": target_reduction, "threshold": threshold,
-              "train_reduction": tables["entropy"][0].reduction, "flop_budget": budget, "runs": runs,
-              "resolution_reduction": resolution, "patch_size_tolerance": tolerance,
-              "patch_size_histogram": histogram, "seconds": time.perf_counter() - started,
-              "torch_threads": torch.get_num_threads()}
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot_curves(runs, os.path.join(out, "nll_vs_flops.png"))
-    plot_histogram(histogram, os.path.join(out, "patch_sizes.png"))
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report(result))
-    return result
+def _interval(stats: dict) -> str:
+    return f"{stats['mean']:.4f} [{stats['low']:.4f}, {stats['high']:.4f}]"
 
 
 def report(result: dict) -> str:
     """Markdown summary of ablation.json."""
-    lines = ["# DPAR ablation at equal training FLOPs", "",
-             f"Budget {result['flop_budget']:.3e} training FLOPs per run ({result['settings']['steps']} baseline "
-             f"steps of batch {result['settings']['batch_size']}); entropy threshold {result['threshold']:.4f} nats "
-             f"(train reduction {result['train_reduction']:.3f}x); same data order and seed for every run.", "",
-             runs_table(result["runs"]), "", "Token reduction at the same threshold (e):", "",
-             "| crops | tokens / image | patches / image | reduction |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['tokens_per_image']} | {v['patches_per_image']:.2f} | {v['reduction']:.3f}x |"
-              for k, v in result["resolution_reduction"].items()]
-    lines += ["", "Trained entropy-patch DPAR at other patch sizes and thresholds (f):", "",
-              "| threshold | max patch | global steps / image | held-out NLL |", "|---|---|---|---|"]
-    lines += [f"| {r['threshold']:.3f} (raise {r['threshold_raise']:.2f}) | {r['max_patch_size']} | "
-              f"{r['global_steps_per_image']:.2f} | {r['heldout_nll']:.4f} |" for r in result["patch_size_tolerance"]]
-    lines += ["", "Patch sizes (g), share of training patches: " + "; ".join(
+    s, split, entropy = result["settings"], result["data"], result["entropy_model"]
+    layers = {arm: "/".join(map(str, m["layers"])) for arm, m in result["models"].items()}
+    global_share = 100 * result["models"]["dpar-entropy"]["global_share_of_flops"]
+    lines = ["# DPAR ablation: paired seeds at one training-FLOP budget", "",
+             f"- Data: {split['train_crops']} training and {split['heldout_crops']} held-out crops of "
+             f"{s['image_size']} px from {len(split['photos'])} scikit-image photos, {s['grid']}x{s['grid']} tokens "
+             f"of a {s['colors']}-colour palette; held-out crops come from {split['heldout_regions']} held-out "
+             f"regions ({split['train_regions']} for training) and "
+             f"{split['heldout_crops_overlapping_training']} of them share a pixel with a training crop.",
+             f"- Models: width {result['models']['baseline']['width']}; DPAR {layers['dpar-entropy']} "
+             f"(encoder/global/decoder; global stack {global_share:.0f}% "
+             f"of its training FLOPs), baseline {sum(result['models']['baseline']['layers'])} layers, shallow "
+             f"baseline {sum(result['models']['shallow-baseline']['layers'])} layers. Entropy threshold "
+             f"{result['threshold']:.4f} nats: reduction {result['train_reduction']:.3f}x (train), "
+             f"{result['heldout_reduction']:.3f}x (held-out), max patch {s['max_patch_size']}.",
+             f"- Budget {result['flop_budget']:.3e} generator training FLOPs per run ({s['budget_steps']} baseline "
+             f"steps of batch {s['batch_size']}), AdamW lr {s['lr']} with {100 * s['warmup']:.0f}% warmup and a "
+             f"cosine over each run's own steps; seeds {result['seeds']} (init and data order, paired across arms).",
+             f"- Entropy model (shared, not in the generator budget): {entropy['steps']} steps, "
+             f"{entropy['train_flops']:.3e} training FLOPs, {entropy['inference_flops']:.3e} FLOPs to score "
+             f"{entropy['inference_images']} crops; held-out loss at 1/4..4/4 of its steps: "
+             + ", ".join(f"{v:.4f}" for _, v in entropy["heldout_loss_curve"]) + ".", ""]
+    if "arms" not in result:
+        return "\n".join(lines + ["Fewer than two seeds finished: no intervals.", ""])
+    lines += ["| arm | layers | steps | FLOPs / step | final held-out NLL, mean [95% CI] | NLL after "
+              f"{result['equal_steps']} steps |", "|---|---|---|---|---|---|"]
+    for arm, stats in result["arms"].items():
+        steps = sorted(set(stats["steps"]))
+        lines.append(f"| {arm} | {layers[arm]} | {'/'.join(map(str, steps))} | "
+                     f"{sum(stats['flops_per_step']) / len(stats['flops_per_step']):.3e} | "
+                     f"{_interval(stats['final_nll'])} | {_interval(stats['equal_steps_nll'])} |")
+    lines += ["", "Paired differences of final held-out NLL (negative: the first is better), mean [95% CI]:", "",
+              "| difference | final | after the baseline's steps |", "|---|---|---|"]
+    for name, diff in result["differences"].items():
+        lines.append(f"| {name} | {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] | "
+                     f"{diff['equal_steps']['mean']:+.4f} [{diff['equal_steps']['low']:+.4f}, "
+                     f"{diff['equal_steps']['high']:+.4f}] |")
+    lines += [""] + [f"- {diff['sentence']}" for diff in result["differences"].values()]
+    edges = result["entropy_bin_edges"]
+    lines += ["", "Final held-out NLL per entropy bin (token i binned by the entropy model's H_{i-1}):", "",
+              "| arm | " + " | ".join(f"H in [{edges[b]:.2f}, {edges[b + 1]:.2f}]" for b in range(len(edges) - 1))
+              + " |", "|---|" + "---|" * (len(edges) - 1)]
+    for arm, stats in result["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(_interval(b) for b in stats["bin_nll"]) + " |")
+    for name in ("dpar-entropy - dpar-static", "dpar-entropy - dpar-shuffled"):
+        bins = result["differences"][name]["bins"]
+        lines.append(f"| {name} | " + " | ".join(f"{b['mean']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]"
+                                                  for b in bins) + " |")
+    m = result["machine"]
+    lines += ["", "Patch sizes, share of training patches: " + "; ".join(
         f"{name}: " + ", ".join(f"{n}: {share:.2f}" for n, share in sorted(h.items()))
-        for name, h in result["patch_size_histogram"].items()),
-        "", "Files: ablation.json, nll_vs_flops.png, patch_sizes.png.", ""]
+        for name, h in result["patch_size_histogram"].items()) + " (dpar-shuffled: as entropy).",
+        "", f"{result['seconds']:.0f} s wall on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch "
+        f"thread(s); load average {m['load_average']} at the start, {m.get('load_average_end')} at the end: the cores "
+        "were shared). Files: ablation.json, nll_by_arm.png, patch_sizes.png.", ""]
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (ablation.json, nll_vs_flops.png, runs/)")
-    parser.add_argument("--quick", action="store_true", help="small settings: under 3 minutes on 2 cores")
-    parser.add_argument("--steps", type=int, help="FLOP budget in baseline steps (default: 250, quick 40)")
-    parser.add_argument("--entropy-steps", type=int)
+    parser.add_argument("--out", required=True, help="output folder (ablation.json, report.md, PNGs, data)")
+    parser.add_argument("--quick", action="store_true", help="small settings, same fields: under 3 minutes")
+    parser.add_argument("--budget-steps", type=int, help="the FLOP budget in baseline steps (default 256, quick 20)")
+    parser.add_argument("--seeds", type=int, help="paired seeds 0..N-1 (default 3; at least 2 for intervals)")
+    parser.add_argument("--entropy-steps", type=int, help="entropy model steps (default 400, quick 60)")
+    parser.add_argument("--batch-size", type=int, help="generator batch size (default 8)")
+    parser.add_argument("--lr", type=float, help="generators' peak AdamW learning rate (default 3e-3)")
     parser.add_argument("--train-images", type=int)
     parser.add_argument("--val-images", type=int)
-    parser.add_argument("--points", type=int, help="held-out evaluations along each run (>= 5 by default)")
-    parser.add_argument("--no-choices", action="store_true", help="skip the runs with the authors' choices")
-    parser.add_argument("--target-reduction", type=float, default=1.8)
-    parser.add_argument("--seed", type=int, default=0)
-    add_threads_argument(parser)
-
-
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: the tiny models are latency bound, and on a shared "
-                             "machine more threads mostly wait for each other)")
+    parser.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="DPAR / baseline config fields")
+    parser.add_argument("--target-reduction", type=float, help="global token reduction of the entropy patches")
+    budget_runs.add_threads_argument(parser)
 
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
-    for name in ("steps", "entropy_steps", "train_images", "val_images", "points"):
+    for name in ("budget_steps", "seeds", "entropy_steps", "batch_size", "lr", "train_images", "val_images",
+                 "target_reduction"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
-    if args.no_choices:
-        settings["choices"] = False
-    result = run_ablation(args.out, settings, args.seed, args.target_reduction)
+    if args.override is not None:
+        settings["overrides"] = tuple(args.override)
+    if settings["seeds"] < 2:
+        raise ValueError(f"--seeds must be at least 2 for intervals, got {settings['seeds']}")
+    result = run_ablation(args.out, settings)
     print(report(result))
     print(f"{result['seconds']:.0f}s -> {args.out}")

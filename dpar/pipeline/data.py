@@ -1,4 +1,4 @@
-"""Datasets of VQ token grids, and the embedded default photographs they can be made from.
+"""Datasets of VQ token grids, and leak-free crops of the photographs shipped with scikit-image.
 
 On disk a token dataset is the layout LlamaGen's ``extract_codes`` step writes:
 ``ROOT/codes/<i>.npy`` (integer codes of one image: [T], [1, T], [H, W], [1, H, W], or with an augmentation /
@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,8 +21,12 @@ from torch.utils.data import Dataset
 
 META_FILE = "meta.json"
 META_FIELDS = ("grid_height", "grid_width", "vocab_size", "num_classes")
-EMBEDDED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                   "retina", "stereo_motorcycle")
+# Every photograph (colour or grey) that scikit-image ships inside its wheel; synthetic images (binary_blobs,
+# checkerboard, colorwheel, horse, logo, shepp_logan_phantom), duplicates ("cat" is "chelsea") and the image sets
+# that need a download (pooch) are left out. stereo_motorcycle contributes its left view only.
+OFFLINE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+                  "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",
+                  "stereo_motorcycle", "text")
 
 
 def _numbered_files(folder: str) -> dict[str, str]:
@@ -187,41 +192,138 @@ def write_token_dataset(root: str, codes: torch.Tensor, labels: torch.Tensor, vo
         json.dump(meta, f)
 
 
-def load_embedded_photos() -> list[tuple[str, torch.Tensor]]:
-    """The colour photographs shipped inside scikit-image that load offline: [(name, float32 [3, H, W] in [0, 1])]."""
+def load_offline_photos(short_side: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The photographs of OFFLINE_PHOTOS that load without a network: [(name, float32 [3, H, W] in [0, 1])].
+
+    Grey photos are repeated to three channels. ``short_side``: every photo is resized (antialiased) so that its
+    shorter side has this many pixels, which makes a crop of a given size cover the same share of every photo.
+    """
     import skimage.data
 
     photos = []
-    for name in EMBEDDED_PHOTOS:
+    for name in OFFLINE_PHOTOS:
         try:
             image = getattr(skimage.data, name)()
-        except Exception:  # a photo that needs a download (pooch) is simply not part of the default set
+        except Exception:  # a photo that needs a download (pooch) is simply not part of the set
             continue
-        image = image[0] if isinstance(image, tuple) else image
-        photos.append((name, torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255))
+        image = np.asarray(image[0] if isinstance(image, tuple) else image)
+        image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+        photo = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+        if short_side is not None:
+            height, width = photo.shape[1:]
+            scale = short_side / min(height, width)
+            size = (max(short_side, round(height * scale)), max(short_side, round(width * scale)))
+            photo = torch.nn.functional.interpolate(photo[None], size=size, mode="bilinear",
+                                                    antialias=True)[0].clamp_(0, 1)
+        photos.append((name, photo))
     if len(photos) < 2:
         raise RuntimeError("fewer than two scikit-image photographs load offline; install scikit-image fully")
     return photos
 
 
-def random_crops(photos: list[tuple[str, torch.Tensor]], count: int, size: int, seed: int,
-                 min_scale: float = 0.15, max_scale: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` random square crops (area fraction in [min_scale, max_scale] of the shorter side squared,
-    random horizontal flip) resized to size x size, labelled by source photo (classes balanced round-robin).
+@dataclass(frozen=True)
+class Region:
+    """A square block of one photo: pixels [top, top + size) x [left, left + size) of photos[photo]."""
+    photo: int
+    top: int
+    left: int
+    size: int
 
-    Returns images float32 [count, 3, size, size] in [0, 1] and labels int64 [count]. Deterministic in ``seed``.
+
+def split_regions(photos: list[tuple[str, torch.Tensor]], region_size: int, heldout_fraction: float,
+                  seed: int) -> tuple[list[Region], list[Region]]:
+    """(training regions, held-out regions): every photo is tiled into disjoint region_size squares (the remainder
+    at the right and bottom edges is unused) and round(heldout_fraction * tiles) of its tiles, at least one, chosen
+    at random (``seed``), are held out. ValueError when a photo has fewer than two tiles."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    train, heldout = [], []
+    for index, (name, photo) in enumerate(photos):
+        rows, columns = photo.shape[1] // region_size, photo.shape[2] // region_size
+        if rows * columns < 2:
+            raise ValueError(f"photo {name!r} ({photo.shape[1]}x{photo.shape[2]}) holds fewer than two regions of "
+                             f"{region_size} px; lower region_size")
+        tiles = [Region(index, r * region_size, c * region_size, region_size)
+                 for r in range(rows) for c in range(columns)]
+        held = min(len(tiles) - 1, max(1, round(heldout_fraction * len(tiles))))
+        order = torch.randperm(len(tiles), generator=generator).tolist()
+        heldout += [tiles[i] for i in sorted(order[:held])]
+        train += [tiles[i] for i in sorted(order[held:])]
+    return train, heldout
+
+
+def region_crops(photos: list[tuple[str, torch.Tensor]], regions: list[Region], count: int, size: int,
+                 max_side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` random square crops, each inside one of ``regions``, resized to size x size.
+
+    Photos take turns (label i % photos, over the photos that have a region here), then a random region of that
+    photo, a random side in [size, min(max_side, region size)], a random position inside the region and a random
+    horizontal flip. Returns images float32 [count, 3, size, size] in [0, 1], labels int64 [count] (the photo) and
+    boxes int64 [count, 4] (photo, top, left, side) in the photo's pixels. Deterministic in ``seed``.
     """
+    by_photo: dict[int, list[Region]] = {}
+    for region in regions:
+        if region.size < size:
+            raise ValueError(f"region of {region.size} px is smaller than the crop size {size}")
+        by_photo.setdefault(region.photo, []).append(region)
+    owners = sorted(by_photo)
     generator = torch.Generator().manual_seed(seed)
     images = torch.empty(count, 3, size, size)
-    labels = torch.arange(count) % len(photos)
+    boxes = torch.empty(count, 4, dtype=torch.int64)
     for i in range(count):
-        photo = photos[int(labels[i])][1]
-        _, height, width = photo.shape
-        scale = min_scale + (max_scale - min_scale) * float(torch.rand((), generator=generator))
-        side = max(size, int(min(height, width) * math.sqrt(scale)))
-        top = int(torch.randint(0, height - side + 1, (), generator=generator))
-        left = int(torch.randint(0, width - side + 1, (), generator=generator))
-        crop = photo[None, :, top:top + side, left:left + side]
-        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
-        images[i] = crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop
-    return images.clamp_(0, 1), labels
+        choices = by_photo[owners[i % len(owners)]]
+        region = choices[int(torch.randint(len(choices), (), generator=generator))]
+        largest = min(max_side, region.size)
+        side = int(torch.randint(size, largest + 1, (), generator=generator))
+        top = region.top + int(torch.randint(region.size - side + 1, (), generator=generator))
+        left = region.left + int(torch.randint(region.size - side + 1, (), generator=generator))
+        crop = photos[region.photo][1][None, :, top:top + side, left:left + side]
+        if side != size:
+            crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+        images[i] = crop[0].flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop[0]
+        boxes[i] = torch.tensor([region.photo, top, left, side])
+    return images.clamp_(0, 1), boxes[:, 0].clone(), boxes
+
+
+def boxes_overlap(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """bool [N, M]: box i of ``first`` [N, 4] and box j of ``second`` [M, 4] ((photo, top, left, side) each)
+    share at least one pixel of the same photo."""
+    a, b = first[:, None, :], second[None, :, :]
+    rows = (a[..., 1] < b[..., 1] + b[..., 3]) & (b[..., 1] < a[..., 1] + a[..., 3])
+    columns = (a[..., 2] < b[..., 2] + b[..., 3]) & (b[..., 2] < a[..., 2] + a[..., 3])
+    return (a[..., 0] == b[..., 0]) & rows & columns
+
+
+@dataclass
+class CropSplit:
+    """Training and held-out crops of the offline photos with no pixel shared between the splits.
+
+    images float32 [N, 3, S, S], labels int64 [N] (the photo), boxes int64 [N, 4] (photo, top, left, side).
+    """
+    photo_names: list[str]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    train_boxes: torch.Tensor
+    heldout_images: torch.Tensor
+    heldout_labels: torch.Tensor
+    heldout_boxes: torch.Tensor
+    regions: tuple[int, int]  # (training regions, held-out regions)
+
+    def summary(self) -> dict:
+        return {"photos": self.photo_names, "train_crops": len(self.train_labels),
+                "heldout_crops": len(self.heldout_labels), "train_regions": self.regions[0],
+                "heldout_regions": self.regions[1]}
+
+
+def leak_free_crops(train_count: int, heldout_count: int, size: int, seed: int = 0, *,
+                    heldout_fraction: float = 0.25) -> CropSplit:
+    """Crops of every offline photo (resized to a shorter side of 10 * size) for training and held-out use: each
+    photo is tiled into regions of 2.5 * size px, a quarter of the regions are held out whole, and every crop
+    (side size .. 2 * size, resized to size) lies inside one region of its split, so no held-out crop shares a
+    pixel with a training crop. Class = photo."""
+    photos = load_offline_photos(short_side=10 * size)
+    train_regions, heldout_regions = split_regions(photos, size * 5 // 2, heldout_fraction, seed)
+    train = region_crops(photos, train_regions, train_count, size, 2 * size, seed * 2 + 1)
+    heldout = region_crops(photos, heldout_regions, heldout_count, size, 2 * size, seed * 2 + 2)
+    return CropSplit([name for name, _ in photos], *train, *heldout, (len(train_regions), len(heldout_regions)))

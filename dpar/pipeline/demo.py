@@ -1,9 +1,10 @@
 """`dpar demo`: the whole DPAR pipeline on photographs shipped with scikit-image, on CPU in a few minutes.
 
-Random crops of the photos (class = source photo) -> palette tokenizer -> token datasets (train / held-out) ->
-entropy model -> patches at a target reduction -> the LlamaGen baseline, DPAR with entropy patches and DPAR with
-static patches of the same count, each trained to the same training-FLOP budget (same data order and seed, a
-progress line every 25 steps) -> report.md (tokens per image, reduction, FLOPs, steps, time, held-out NLL),
+Crops of the photos (class = source photo; held-out crops come from held-out regions of each photo and share no
+pixel with a training crop, dpar.pipeline.data.leak_free_crops) -> palette tokenizer -> token datasets (train /
+held-out) -> entropy model -> patches at a target reduction -> the LlamaGen baseline, DPAR with entropy patches
+and DPAR with static patches of the same count, each trained to the same training-FLOP budget (same data order and
+seed, a progress line every 25 steps) -> report.md (tokens per image, reduction, FLOPs, steps, time, held-out NLL),
 nll_vs_flops.png, sample grids and an entropy / patch map. Every number in the report is computed by this run.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 import torch
 
-from . import ablate, data, objectives, sample, train
+from . import budget_runs, data, objectives, sample, train
 from .builders import load_model
 
 QUICK = dict(train_images=48, val_images=16, image_size=16, grid=4, colors=16, steps=3, entropy_steps=2,
@@ -35,16 +36,16 @@ def _markdown_table(rows: list[dict]) -> str:
 def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 1.8) -> str:
     """Run the pipeline into ``out``; returns the markdown report (also written to out/report.md)."""
     os.makedirs(out, exist_ok=True)
-    tokenizer, entropy_model, _, threshold, entropies, tables = ablate.prepare_patches(out, settings, seed,
+    tokenizer, entropy_model, _, threshold, entropies, tables = budget_runs.prepare_patches(out, settings, seed,
                                                                                         target_reduction)
     train_dir = os.path.join(out, "data", "train")
     val = data.TokenGridDataset(os.path.join(out, "data", "val"))
-    budget = settings["steps"] * ablate.baseline_step_flops(train_dir, settings["batch_size"])
+    budget = settings["steps"] * budget_runs.baseline_step_flops(train_dir, settings["batch_size"])
     common = (out, settings, seed, budget, train_dir, val)
-    runs = [ablate.budget_run("baseline", "baseline", "every token", *common),
-            ablate.budget_run("dpar-entropy", "dpar", "entropy", *common, tables["entropy"]),
-            ablate.budget_run("dpar-static", "dpar", "static", *common, tables["static"])]
-    ablate.plot_curves(runs, os.path.join(out, "nll_vs_flops.png"))
+    runs = [budget_runs.budget_run("baseline", "baseline", "every token", *common),
+            budget_runs.budget_run("dpar-entropy", "dpar", "entropy", *common, tables["entropy"]),
+            budget_runs.budget_run("dpar-static", "dpar", "static", *common, tables["static"])]
+    budget_runs.plot_curves(runs, os.path.join(out, "nll_vs_flops.png"))
     rows = [{"model": label, "tokens": run["heldout_global_tokens_per_image"],
              "reduction": val.tokens_per_image / run["heldout_global_tokens_per_image"],
              "gflops": run["flops_per_step"] / 1e9, "steps": run["steps"], "train_flops": run["train_flops"],
@@ -63,7 +64,8 @@ def run_demo(out: str, settings: dict, seed: int = 0, target_reduction: float = 
         "# DPAR demo", "",
         f"{len(train_table)} training crops of {settings['image_size']}px from {val.num_classes} scikit-image "
         f"photos, {val.grid_height}x{val.grid_width} tokens from a {tokenizer.vocab_size}-colour palette; "
-        f"{len(val)} held-out crops. Entropy threshold {threshold:.4f} nats (target reduction {target_reduction}x "
+        f"{len(val)} held-out crops from held-out regions of the photos (no pixel shared with a training crop). "
+        f"Entropy threshold {threshold:.4f} nats (target reduction {target_reduction}x "
         f"on the training set, got {train_table.reduction:.3f}x), max patch size {train_table.max_patch_size}. "
         f"Static patches: the same global tokens per image, content-independent. Every model trains to the same "
         f"budget of {budget:.3e} training FLOPs ({settings['steps']} baseline steps of batch "
@@ -103,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-reduction", type=float, default=1.8, help="global token reduction to aim for")
     parser.add_argument("--points", type=int, default=5, help="held-out evaluations along each training run")
     parser.add_argument("--seed", type=int, default=0)
-    ablate.add_threads_argument(parser)
+    budget_runs.add_threads_argument(parser)
 
 
 def main(args: argparse.Namespace) -> None:

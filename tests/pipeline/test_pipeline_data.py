@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from dpar.pipeline.data import TokenGridDataset, load_embedded_photos, random_crops, write_token_dataset
+from dpar.pipeline.data import (
+    OFFLINE_PHOTOS,
+    Region,
+    TokenGridDataset,
+    boxes_overlap,
+    leak_free_crops,
+    load_offline_photos,
+    region_crops,
+    split_regions,
+    write_token_dataset,
+)
 from dpar.pipeline.tokenizer import PaletteTokenizer, fit_palette
 
 
@@ -114,14 +124,72 @@ def test_truncated_npy_names_the_file(tmp_path, folder):
         TokenGridDataset(str(tmp_path))[1]
 
 
-def test_random_crops_are_deterministic_and_labelled_by_photo():
-    photos = load_embedded_photos()
-    images, labels = random_crops(photos, 10, 16, seed=3)
-    again, _ = random_crops(photos, 10, 16, seed=3)
-    other, _ = random_crops(photos, 10, 16, seed=4)
-    assert images.shape == (10, 3, 16, 16) and torch.equal(images, again) and not torch.equal(images, other)
-    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
-    assert labels.tolist() == [i % len(photos) for i in range(10)]
+def test_offline_photos_are_colour_and_grey_and_resized():
+    photos = load_offline_photos(short_side=80)
+    names = [name for name, _ in photos]
+    assert len(photos) >= 15 and set(names) <= set(OFFLINE_PHOTOS) and len(set(names)) == len(names)
+    for name, photo in photos:
+        assert photo.dtype == torch.float32 and photo.shape[0] == 3 and min(photo.shape[1:]) == 80, name
+        assert 0 <= float(photo.min()) and float(photo.max()) <= 1 and float(photo.std()) > 0.01, name
+    grey = dict(photos)["camera"]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])
+    assert not torch.equal(dict(photos)["astronaut"][0], dict(photos)["astronaut"][1])
+
+
+def test_boxes_overlap_is_exact_at_the_edges():
+    boxes = torch.tensor([[0, 10, 10, 5]])  # photo 0, rows 10..14, columns 10..14
+    others = torch.tensor([[0, 14, 14, 3],   # shares pixel (14, 14)
+                           [0, 15, 10, 5],   # starts on the row below: touches, no shared pixel
+                           [0, 10, 5, 5],    # ends on the column before
+                           [1, 10, 10, 5],   # same rectangle of another photo
+                           [0, 0, 0, 40]])   # contains it
+    assert boxes_overlap(boxes, others).tolist() == [[True, False, False, False, True]]
+
+
+def test_regions_tile_each_photo_and_every_photo_holds_regions_out():
+    photos = load_offline_photos(short_side=80)
+    train, heldout = split_regions(photos, 20, 0.25, seed=0)
+    assert {r.photo for r in heldout} == {r.photo for r in train} == set(range(len(photos)))
+    boxes = torch.tensor([[r.photo, r.top, r.left, r.size] for r in train + heldout])
+    overlaps = boxes_overlap(boxes, boxes)
+    assert torch.equal(overlaps, torch.eye(len(boxes), dtype=torch.bool)), "regions must be disjoint"
+    assert 0.15 < len(heldout) / len(boxes) < 0.35
+    with pytest.raises(ValueError, match="fewer than two regions"):
+        split_regions(photos, 80, 0.25, seed=0)
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_regions(photos, 20, 1.0, seed=0)
+
+
+def test_no_heldout_crop_shares_a_pixel_with_a_training_crop():
+    split = leak_free_crops(3000, 400, 8, seed=0)
+    assert split.train_images.shape == (3000, 3, 8, 8) and split.heldout_images.shape == (400, 3, 8, 8)
+    for boxes, labels in ((split.train_boxes, split.train_labels), (split.heldout_boxes, split.heldout_labels)):
+        assert torch.equal(boxes[:, 0], labels) and bool((boxes[:, 3] >= 8).all() and (boxes[:, 3] <= 16).all())
+    assert not bool(boxes_overlap(split.heldout_boxes, split.train_boxes).any())
+    # the check can fail: training crops overlap each other (same regions), held-out ones the held-out ones
+    assert bool(boxes_overlap(split.train_boxes[:500], split.train_boxes[500:]).any())
+    photos = load_offline_photos(short_side=80)
+    train_regions, heldout_regions = split_regions(photos, 20, 0.25, seed=0)
+    for boxes, regions in ((split.train_boxes, train_regions), (split.heldout_boxes, heldout_regions)):
+        inside = torch.zeros(len(boxes), dtype=torch.bool)
+        for region in regions:
+            inside |= ((boxes[:, 0] == region.photo) & (boxes[:, 1] >= region.top) & (boxes[:, 2] >= region.left)
+                       & (boxes[:, 1] + boxes[:, 3] <= region.top + region.size)
+                       & (boxes[:, 2] + boxes[:, 3] <= region.left + region.size))
+        assert bool(inside.all()), "every crop lies inside one region of its own split"
+    assert split.summary()["heldout_regions"] == len(heldout_regions)
+    again = leak_free_crops(3000, 400, 8, seed=0)
+    assert torch.equal(again.heldout_images, split.heldout_images) and torch.equal(again.train_boxes, split.train_boxes)
+
+
+def test_a_crop_is_its_box_of_the_photo():
+    photos = load_offline_photos(short_side=80)
+    regions = [Region(photo=1, top=20, left=40, size=20)]
+    images, labels, boxes = region_crops(photos, regions, 20, 8, 8, seed=5)  # side 8: no resize
+    assert labels.tolist() == [1] * 20
+    for image, (photo, top, left, side) in zip(images, boxes.tolist()):
+        crop = photos[photo][1][:, top:top + side, left:left + side]
+        assert torch.equal(image, crop) or torch.equal(image, crop.flip(-1))
 
 
 def test_tokenizer_round_trip_on_a_real_photo(tmp_path):
