@@ -215,21 +215,34 @@ def slug(row: dict) -> str:
 
 
 def write_summary(results_dir: str | None = None, path: str | None = None) -> str:
-    """benchmarks/RESULTS.md (or ``path``) from every CSV of benchmarks/results/ (or ``results_dir``): a fixed
-    preamble, then one section per file."""
+    """benchmarks/RESULTS.md (or ``path``) from benchmarks/results/ (or ``results_dir``): a fixed preamble, then one
+    section per file: report CSVs (this module's rows) as summaries, other CSVs (e.g. bench_isa's ratios) as plain
+    tables, each with its optional ``.md`` note, and notes without a CSV (e.g. the ablation's report) as they are."""
     results_dir, path = results_dir or RESULTS_DIR, path or SUMMARY
     sections = [PREAMBLE]
-    for csv_path in sorted(glob.glob(os.path.join(results_dir, "*.csv"))):
+    csv_paths = sorted(glob.glob(os.path.join(results_dir, "*.csv")))
+    for csv_path in csv_paths:
         rows = read_csv(csv_path)
-        if rows:
-            name = os.path.relpath(csv_path, os.path.dirname(path))
-            section = summary(rows, f"[{os.path.basename(csv_path)}]({name})").replace("# [", "## [", 1)
-            notes = csv_path[:-len(".csv")] + ".md"  # where the rows come from, when it needs saying
-            if os.path.exists(notes):
-                with open(notes) as f:
-                    heading, rest = section.split("\n", 1)
-                    section = f"{heading}\n\n{f.read().strip()}\n{rest}"
-            sections.append(section)
+        if not rows:
+            continue
+        name = os.path.relpath(csv_path, os.path.dirname(path))
+        title = f"[{os.path.basename(csv_path)}]({name})"
+        if "impl" in rows[0] and "cpu_model" in rows[0]:
+            section = summary(rows, title).replace("# [", "## [", 1)
+        else:
+            section = "\n".join([f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
+                                 *("| " + " | ".join(row.values()) + " |" for row in rows), ""])
+        notes = csv_path[:-len(".csv")] + ".md"  # where the rows come from, when it needs saying
+        if os.path.exists(notes):
+            with open(notes) as f:
+                heading, rest = section.split("\n", 1)
+                section = f"{heading}\n\n{f.read().strip()}\n{rest}"
+        sections.append(section)
+    paired = {p[:-len(".csv")] + ".md" for p in csv_paths}
+    for notes in sorted(set(glob.glob(os.path.join(results_dir, "*.md"))) - paired):
+        with open(notes) as f:
+            sections.append(f.read().strip().replace("# ", f"## [{os.path.basename(notes)}]("
+                                                     f"{os.path.relpath(notes, os.path.dirname(path))}): ", 1) + "\n")
     text = "\n".join(sections)
     with open(path, "w") as f:
         f.write(text)
