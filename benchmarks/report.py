@@ -227,7 +227,7 @@ def write_summary(results_dir: str | None = None, path: str | None = None) -> st
             continue
         name = os.path.relpath(csv_path, os.path.dirname(path))
         title = f"[{os.path.basename(csv_path)}]({name})"
-        if "impl" in rows[0] and "cpu_model" in rows[0]:
+        if "implementation" in rows[0] and "cpu_model" in rows[0]:
             section = summary(rows, title).replace("# [", "## [", 1)
         else:
             section = "\n".join([f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),

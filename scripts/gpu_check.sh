@@ -72,7 +72,7 @@ WORKERS=${GPU_CHECK_WORKERS:-$(n=$(($(nproc) / 2)); echo $((n > 8 ? 8 : n)))}  #
 "$PY" -c "import xdist" 2> /dev/null || WORKERS=0
 XDIST=()
 [ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS")
-PYTEST=("$PY" -m pytest -m gpu -v -p no:cacheprovider -rfEs --durations=15 "${XDIST[@]}")
+PYTEST=("$PY" -m pytest --tier full -m gpu -v -p no:cacheprovider -rfEs --durations=15 "${XDIST[@]}")
 GPU_TESTS=(tests/ops/test_gpu_kernels.py tests/model/test_gpu_model.py)
 SMALL_ATTENTION=(--only "varlen_attention torch.bfloat16 d=64 causal=True")
 

@@ -179,5 +179,5 @@ def test_token_nll_is_the_models_loss_token_by_token(kind):
     assert nll.shape == (10, 16) and bool((nll > 0).all())
     patches = None if table is None else PatchBatch.from_lengths(*table.batch(torch.arange(10)), 4)
     with torch.no_grad():
-        loss = objectives.LossModule(kind, model, 4)(tokens.tokens, tokens.labels, patches)
+        loss = objectives.LossModule(model, 4)(tokens.tokens, tokens.labels, patches)
     assert float(nll.mean()) == pytest.approx(float(loss), rel=1e-5)
