@@ -13,10 +13,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -113,23 +109,6 @@ void for_each_patch_range(const int32_t* cu, int64_t num_patches, int64_t cols, 
   });
 }
 
-// at::empty for an output the kernel overwrites completely. Writing freshly mapped memory is dominated by page
-// faults; large buffers are advised to use transparent huge pages (one fault per 2 MiB instead of per 4 KiB).
-// The advice is a hint: where the kernel refuses it, nothing changes.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (out.nbytes() >= 2 * kHugePage && last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
-
 template <typename scalar_t>
 void gather_kernel(const at::Tensor& x, const int32_t* cu, Reduce reduce, at::Tensor& out, at::Tensor& argmax) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -157,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> patch_gather_cpu(const at::Tensor& x, const a
   const at::Tensor cu = cu_tokens.contiguous();
   check_offsets(cu, x.size(0));
   const int64_t num_patches = cu.numel() - 1;
-  at::Tensor out = empty_output({num_patches, x.size(1)}, x.options());
-  at::Tensor argmax = reduce == Reduce::kMax && with_argmax ? empty_output({num_patches, x.size(1)}, x.options().dtype(at::kInt))
+  at::Tensor out = at::empty({num_patches, x.size(1)}, x.options());
+  at::Tensor argmax = reduce == Reduce::kMax && with_argmax ? at::empty({num_patches, x.size(1)}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_gather_cpu", [&] {
     gather_kernel<scalar_t>(x, cu.data_ptr<int32_t>(), reduce, out, argmax);
@@ -203,7 +182,7 @@ at::Tensor patch_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Te
                 "argmax must be int32 with the shape of grad_out");
     argmax = argmax_in.contiguous();
   }
-  at::Tensor grad_x = empty_output({total, grad_out.size(1)}, grad_out.options());
+  at::Tensor grad_x = at::empty({total, grad_out.size(1)}, grad_out.options());
   std::atomic<bool> bad_argmax{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "patch_gather_backward_cpu",
                                   [&] {
@@ -236,7 +215,7 @@ at::Tensor patch_scatter_cpu(const at::Tensor& y, const at::Tensor& cu_tokens, i
   check_offsets(cu, total);
   TORCH_CHECK_VALUE(cu.numel() - 1 == y.size(0), "y must have one row per patch (", cu.numel() - 1, "), got ",
               y.size(0));
-  at::Tensor out = empty_output({total, y.size(1)}, y.options());
+  at::Tensor out = at::empty({total, y.size(1)}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "patch_scatter_cpu", [&] {
     scatter_kernel<scalar_t>(y, cu.data_ptr<int32_t>(), out);
   });
