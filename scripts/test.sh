@@ -17,6 +17,7 @@ import glob, sys, zipfile
 names = zipfile.ZipFile(wheel).namelist()
 assert any(n.startswith("dpar_kernels/_C.") and n.endswith(".so") for n in names), f"{wheel} has no _C"
 assert "dpar_kernels/_C.build.json" in names, f"{wheel} has no _C.build.json"
+assert "dpar_kernels/cpu_choice.json" in names, f"{wheel} has no cpu_choice.json (the measured CPU backend choice)"
 print(f"wheel built from the sdist carries _C: {wheel}")
 PY
 rm -rf "$dist"
