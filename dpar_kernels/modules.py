@@ -14,7 +14,8 @@ class VarlenAttention(nn.Module):
         super().__init__()
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
 
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
         return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 softmax_scale=self.softmax_scale, causal=self.causal, backend=self.backend)
 
@@ -29,7 +30,7 @@ class PatchGather(nn.Module):
         super().__init__()
         self.reduce, self.backend = reduce, backend
 
-    def forward(self, x, cu_tokens):
+    def forward(self, x: torch.Tensor, cu_tokens: torch.Tensor) -> torch.Tensor:
         return patch_gather(x, cu_tokens, reduce=self.reduce, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -43,7 +44,7 @@ class PatchScatter(nn.Module):
         super().__init__()
         self.backend = backend
 
-    def forward(self, y, cu_tokens, total_tokens: int | None = None):
+    def forward(self, y: torch.Tensor, cu_tokens: torch.Tensor, total_tokens: int | None = None) -> torch.Tensor:
         return patch_scatter(y, cu_tokens, total_tokens=total_tokens, backend=self.backend)
 
 

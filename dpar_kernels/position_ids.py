@@ -4,7 +4,8 @@ import torch
 from ._checks import check_tensor
 
 
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor, *, return_max_seqlen: bool = False):
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, *, return_max_seqlen: bool = False
+                                 ) -> torch.Tensor | tuple[torch.Tensor, int]:
     """position_ids [T] or [B, T] integer, 0 at the start of each packed sequence and +1 per token after it.
 
     Returns cu_seqlens int32 [n+1] over the flattened tokens (each row of a [B, T] input also starts a sequence),
