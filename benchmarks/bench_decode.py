@@ -18,7 +18,6 @@ The table at the end prints each dk op's speed-up over its fastest torch baselin
 """
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 import dpar_kernels as dk
 
 from .reporting import record
+from .timing import interleaved_best
 
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 ROWS, HEADS, KEYS = 16, 4, 256
@@ -243,25 +243,12 @@ def main(rounds: int = 7, budget: float = 0.05, threads: int = 1, only: str = ""
     for group, build in GROUPS.items():
         if only not in group:
             continue
-        cases, best = build(), {}
-        calls = {impl: max(1, int(budget / _time_once(fn))) for impl, fn in cases.items()}
-        for _ in range(rounds):
-            for impl, fn in cases.items():
-                start = time.perf_counter()
-                for _ in range(calls[impl]):
-                    fn()
-                best[impl] = min(best.get(impl, float("inf")), (time.perf_counter() - start) / calls[impl])
+        cases = build()
+        best = interleaved_best(cases, rounds, budget)
         base = min((impl for impl in cases if not impl.startswith("dk.")), key=best.get)
         timings = ", ".join(f"{impl} {best[impl] * 1e6:.1f} us" for impl in cases)
         ours = next(impl for impl in cases if impl.startswith("dk."))
         print(f"[{threads} thr] {group}: {timings}; speed-up vs {base} {best[base] / best[ours]:.2f}x", flush=True)
-
-
-def _time_once(fn) -> float:
-    fn()
-    start = time.perf_counter()
-    fn()
-    return max(time.perf_counter() - start, 1e-6)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from benchmarks.cpu_choice import best_times, workloads
+from benchmarks.cpu_choice import workloads
 from benchmarks.reporting import record
+from benchmarks.timing import backend_times
 
 QUICK = os.environ.get("DPAR_BENCH_QUICK") == "1"
 MIN_RATIO = 0.8
@@ -20,7 +21,7 @@ def test_default_is_not_slower_than_torch(benchmark, key):
     run = workloads(QUICK)[key]()
     ratio = 0.0
     for _ in range(2):  # a second interleaved run only when the first falls below the bar (noise on a shared CPU)
-        best = best_times(run, 5 if QUICK else 7, backends=(None, "torch"))
+        best = backend_times(run, 5 if QUICK else 7, backends=(None, "torch"))
         ratio = max(ratio, best["torch"] / best[None])
         if ratio >= MIN_RATIO:
             break

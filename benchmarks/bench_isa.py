@@ -18,7 +18,8 @@ import os
 import platform
 import subprocess
 import sys
-import time
+
+from benchmarks.timing import interleaved_best
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTROPY_ROWS, ENTROPY_VOCAB = 1024, 16384
@@ -107,13 +108,6 @@ def _large_cases() -> dict:
             ("patch_scatter", "64x256 tokens D768", "large"): _scatter_cases}
 
 
-def _time_once(fn) -> float:
-    fn()
-    start = time.perf_counter()
-    fn()
-    return max(time.perf_counter() - start, 1e-6)
-
-
 def worker(rounds: int, threads: int, only: str, budget: float = 0.1) -> None:
     """Runs in the path's subprocess: one JSON line per case, {op, shape, class, isa, times (seconds per call)}."""
     import torch
@@ -124,14 +118,8 @@ def worker(rounds: int, threads: int, only: str, budget: float = 0.1) -> None:
     for (op, shape, size_class), build in {**_decode_cases(), **_large_cases()}.items():
         if only not in f"{op} {shape}":
             continue
-        cases, best = build(), {}
-        calls = {impl: max(1, int(budget / _time_once(fn))) for impl, fn in cases.items()}
-        for _ in range(rounds):
-            for impl, fn in cases.items():
-                start = time.perf_counter()
-                for _ in range(calls[impl]):
-                    fn()
-                best[impl] = min(best.get(impl, float("inf")), (time.perf_counter() - start) / calls[impl])
+        cases = build()
+        best = interleaved_best(cases, rounds, budget)
         print(json.dumps({"op": op, "shape": shape, "class": size_class, "isa": dk.cpu_isa(), "times": best}),
               flush=True)
 

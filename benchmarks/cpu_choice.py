@@ -16,12 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 import dpar_kernels as dk
+from benchmarks.timing import backend_times
 from dpar_kernels import _cpu_choice
 
 MARGIN = 1.05  # the kernel must beat the torch backend by this factor to become the default (noise)
@@ -125,24 +125,6 @@ def workloads(quick: bool) -> dict[str, Callable[[], Callable[[str], None]]]:
     }
 
 
-def best_times(run: Callable, rounds: int, backends=("cpu", "torch")) -> dict:
-    """Best wall time of each backend, interleaved round by round (after one warm-up call each); decode-size calls
-    are timed in batches of 20."""
-    best = dict.fromkeys(backends, float("inf"))
-    for backend in backends:
-        run(backend)
-    start = time.perf_counter()
-    run(backends[0])
-    calls = 20 if time.perf_counter() - start < 1e-3 else 1
-    for _ in range(rounds):
-        for backend in backends:
-            start = time.perf_counter()
-            for _ in range(calls):
-                run(backend)
-            best[backend] = min(best[backend], (time.perf_counter() - start) / calls)
-    return best
-
-
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  "unknown")
@@ -157,7 +139,7 @@ def measure(quick: bool, rounds: int, only: str | None = None) -> dict[str, dict
         if only and not key.startswith(only):
             continue
         torch.manual_seed(0)
-        best = best_times(build(), rounds)
+        best = backend_times(build(), rounds)
         ratio = best["torch"] / best["cpu"]
         entries[key] = {"backend": "cpu" if ratio >= MARGIN else "torch", "ratio": round(ratio, 3),
                         "cpu_seconds": best["cpu"], "torch_seconds": best["torch"]}
