@@ -1,5 +1,5 @@
-"""Pure-PyTorch varlen attention: the reference for tests and the "torch" backend (sequences padded in length-sorted
-groups, so it runs as a few batched matmuls).
+"""Pure-PyTorch varlen attention: the reference for tests (sequences padded in length-sorted groups, so it runs as a
+few batched matmuls), and the "torch" backend where torch_backend.py cannot use torch's fused kernel.
 
 q [total_q, Hq, d], k/v [total_k, Hk, d], cu_seqlens_q/k int32 [B+1]. Causal masks bottom-right aligned:
 query j of a length-Lq sequence with Lk keys sees keys 0 .. Lk-Lq+j. A query that sees no key outputs 0 and

@@ -20,7 +20,7 @@ from .._checks import (
 )
 from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kernel
 from ..constants import ATTENTION_HEAD_DIMS
-from . import naive, torch_fused
+from . import naive, torch_backend
 
 SHORT_QUERIES = 16  # sequences of at most this many queries (patch cross-attention, decode) form the "short" class
 
@@ -70,7 +70,7 @@ def _backward_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *args, 
 
 BACKWARD = define_op(
     "varlen_attention_backward", schema=BACKWARD_SCHEMA, validate=None, fake=_backward_fake, flops=_backward_flops,
-    backends={"torch": torch_fused.varlen_attention_backward,
+    backends={"torch": torch_backend.varlen_attention_backward,
               "cpu": extension_kernel("varlen_attention_backward"),
               "cuda": extension_kernel("varlen_attention_backward"),
               "triton": triton_kernel("attention.triton_kernels", "varlen_attention_backward")})
@@ -135,7 +135,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 VARLEN_ATTENTION = define_op(
     "varlen_attention", schema=SCHEMA, validate=_validate, fake=_fake, flops=_forward_flops, autocast=True,
     backward=Backward(_backward, _setup), reference=naive.varlen_attention,
-    backends={"torch": torch_fused.varlen_attention,
+    backends={"torch": torch_backend.varlen_attention,
               "cpu": extension_kernel("varlen_attention"),
               "cuda": extension_kernel("varlen_attention"),
               "triton": triton_kernel("attention.triton_kernels", "varlen_attention")})

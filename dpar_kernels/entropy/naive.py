@@ -1,4 +1,4 @@
-"""Pure-PyTorch entropy: the reference for tests and the "torch" backend (bounded memory, chunked)."""
+"""Pure-PyTorch entropy: the reference for tests (bounded memory, chunked); the "torch" backend is torch_backend.py."""
 import torch
 
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows handled per step so probabilities never exceed ~64 MB

@@ -4,7 +4,7 @@ import torch
 from .._checks import check_float, check_same_device, check_temperature, last_dim_contiguous, supported_backends
 from .._ops import Prepared, define_op, extension_kernel, reject_grad, triton_kernel
 from ..constants import LINEAR_MAX_ROWS
-from . import cpu_linear, naive
+from . import cpu_linear, naive, torch_backend
 
 SMALL_LOGITS = 1 << 16  # token_entropy calls of at most this many logits (a decode step) form the "small" class
 
@@ -33,7 +33,8 @@ def _token_entropy_validate(logits, temperature, *, backend) -> Prepared:
 TOKEN_ENTROPY = define_op(
     "token_entropy", schema="(Tensor logits, float temperature) -> Tensor", validate=_token_entropy_validate,
     fake=lambda logits, temperature: logits.new_empty(logits.shape[:-1], dtype=torch.float32),
-    backends={"torch": _float32(naive.token_entropy),
+    reference=_float32(naive.token_entropy),
+    backends={"torch": _float32(torch_backend.token_entropy),
               "cpu": _float32(extension_kernel("token_entropy")),
               "cuda": _float32(extension_kernel("token_entropy")),
               "triton": _float32(triton_kernel("entropy.triton_kernels", "token_entropy"))})
@@ -66,7 +67,8 @@ LINEAR_ENTROPY = define_op(
     "linear_entropy", schema="(Tensor hidden, Tensor weight, Tensor? bias, float temperature) -> Tensor",
     validate=_linear_entropy_validate, autocast=True,  # a matmul: autocast's dtype
     fake=lambda hidden, weight, bias, temperature: hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-    backends={"torch": _float32(naive.linear_entropy),
+    reference=_float32(naive.linear_entropy),
+    backends={"torch": _float32(torch_backend.linear_entropy),
               "cpu": _float32(cpu_linear.linear_entropy),
               "cuda": _float32(triton_kernel("entropy.triton_kernels", "linear_entropy")),
               "triton": _float32(triton_kernel("entropy.triton_kernels", "linear_entropy"))})

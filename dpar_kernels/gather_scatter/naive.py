@@ -1,4 +1,4 @@
-"""Pure-PyTorch patch gather/scatter: the reference for tests and the "torch" backend.
+"""Pure-PyTorch patch gather/scatter: the reference for tests, and the "torch" backend's scatter, arg-max and backward.
 
 Shapes: x [T, D] packed tokens, cu_tokens int32 [P+1] token offsets of each patch, y [P, D] patch rows.
 """

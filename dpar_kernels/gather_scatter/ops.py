@@ -8,7 +8,7 @@ import torch
 
 from .._checks import check_cu_seqlens, check_float, check_index, check_tensor, last_dim_contiguous, supported_backends
 from .._ops import Backward, Prepared, define_op, extension_kernel, triton_kernel
-from . import naive
+from . import naive, torch_backend
 
 REDUCTIONS = ("max", "sum", "mean")
 SMALL_ROWS = 1 << 14  # calls with at most this many elements (a decode step) form the "small" class
@@ -72,7 +72,8 @@ def _gather_validate(x, cu_tokens, reduce, *, backend) -> Prepared:
 PATCH_GATHER = define_op(
     "patch_gather", schema="(Tensor x, Tensor cu_tokens, str reduce, bool with_argmax) -> (Tensor, Tensor)",
     validate=_gather_validate, fake=_gather_fake, backward=Backward(_gather_backward, _gather_setup),
-    backends={"torch": naive.patch_gather,
+    reference=naive.patch_gather,
+    backends={"torch": torch_backend.patch_gather,
               "cpu": extension_kernel("patch_gather"),
               "cuda": extension_kernel("patch_gather"),
               "triton": triton_kernel("gather_scatter.triton_kernels", "patch_gather")})

@@ -1,4 +1,5 @@
-"""Pure-PyTorch KV-cache attention: the reference for tests and the "torch" backend (dense, no host reads).
+"""Pure-PyTorch KV-cache attention: the reference for tests (dense, no host reads); the "torch" backend is
+torch_backend.py.
 
 q [B, Sq, Hq, d]; k_cache, v_cache [B, S_max, Hk, d]; cache_seqlens int32 [B]; optional k, v [B, Sq, Hk, d].
 Semantics shared by every backend (see kvcache/ops.py): the cached length is clamped to [0, S_max]; new keys go to

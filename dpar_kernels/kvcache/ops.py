@@ -19,7 +19,7 @@ from .._checks import (
 )
 from .._ops import Prepared, define_op, extension_kernel, reject_grad, triton_kernel
 from ..constants import KVCACHE_MAX_HEAD_DIM
-from . import naive
+from . import naive, torch_backend
 
 SCHEMA = ("(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, "
           "float softmax_scale, bool causal) -> Tensor")
@@ -79,8 +79,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale, causal, *
 
 KVCACHE_ATTENTION = define_op(
     "kvcache_attention", schema=SCHEMA, validate=_validate, fake=_fake, mutates_args=("k_cache", "v_cache"),
-    extension_traced=True,
-    backends={"torch": naive.kvcache_attention,
+    extension_traced=True, reference=naive.kvcache_attention,
+    backends={"torch": torch_backend.kvcache_attention,
               "cpu": extension_kernel("kvcache_attention"),
               "cuda": extension_kernel("kvcache_attention"),
               "triton": triton_kernel("kvcache.triton_kernels", "kvcache_attention")})
