@@ -9,28 +9,33 @@ import torch.nn.functional as F
 from .naive import visible_ends
 
 
-def write_new(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
-    """cache[b, cached_b + i] = new[b, i] for positions below S_max, in place: one index_put of B x Sq rows. Rows past
-    S_max are aimed at the last position with the value it ends up holding, so every write there agrees."""
-    batch, seqlen_q = new.shape[:2]
-    max_keys = cache.shape[1]
-    if seqlen_q == 0 or max_keys == 0:
-        return
+def _write_plan(cache_seqlens: torch.Tensor, seqlen_q: int, max_keys: int):
+    """Where new row i of each batch row goes: (rows [B, Sq], positions [B, Sq] clamped into the cache, kept [B, Sq]:
+    below S_max, last_source [B]: the new row that lands on position S_max - 1, last_written [B])."""
+    device = cache_seqlens.device
+    cached = cache_seqlens.long().clamp(0, max_keys)
+    position = cached[:, None] + torch.arange(seqlen_q, device=device)
+    last_source = max_keys - 1 - cached
+    rows = torch.arange(cached.numel(), device=device)
+    return (rows[:, None].expand(-1, seqlen_q), position.clamp(max=max_keys - 1), position < max_keys,
+            last_source.clamp(0, seqlen_q - 1), (last_source >= 0) & (last_source < seqlen_q))
+
+
+def _write(cache: torch.Tensor, new: torch.Tensor, plan) -> None:
+    """cache[b, cached_b + i] = new[b, i] below S_max, in place, as one index_put of B x Sq rows. Rows past S_max are
+    aimed at position S_max - 1 with the value it ends up holding, so every write there agrees."""
+    rows, positions, kept, last_source, last_written = plan
     new = new.to(cache.dtype)
-    position = cache_seqlens.long().clamp(0, max_keys)[:, None] + torch.arange(seqlen_q, device=cache.device)
-    kept = position < max_keys  # [B, Sq]
-    lands_last = position == max_keys - 1
-    last = torch.where(lands_last.any(1)[:, None, None], (new * lands_last[:, :, None, None]).sum(1), cache[:, -1])
-    rows = torch.arange(batch, device=cache.device)[:, None].expand(-1, seqlen_q)
-    values = torch.where(kept[:, :, None, None], new, last[:, None])
-    cache.index_put_((rows, position.clamp(max=max_keys - 1)), values)
+    last = torch.where(last_written[:, None, None], new[rows[:, 0], last_source], cache[:, -1])
+    cache.index_put_((rows, positions), torch.where(kept[:, :, None, None], new, last[:, None]))
 
 
 def kvcache_attention(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale: float, causal: bool):
     """-> out [B, Sq, Hq, d] in q's dtype; writes k, v into the caches first when given."""
-    if k is not None:
-        write_new(k_cache, k, cache_seqlens)
-        write_new(v_cache, v, cache_seqlens)
+    if k is not None and q.shape[1] > 0 and k_cache.shape[1] > 0:
+        plan = _write_plan(cache_seqlens, q.shape[1], k_cache.shape[1])
+        _write(k_cache, k, plan)
+        _write(v_cache, v, plan)
     ends = visible_ends(cache_seqlens, q.shape[1], k_cache.shape[1], k is not None, causal)  # [B, Sq]
     allowed = torch.arange(k_cache.shape[1], device=q.device)[None, None, :] < ends[:, :, None]  # [B, Sq, S]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
