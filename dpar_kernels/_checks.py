@@ -155,7 +155,11 @@ def _read_offsets(name: str, cu: torch.Tensor) -> tuple[int, int]:
 def launch_length(longest: int | None, max_seqlen, total):
     """The sequence length a kernel's launch grid is sized for: the validated longest segment, else the caller's
     max_seqlen clamped to the total length (an oversized max_seqlen never grows the grid)."""
-    return longest if longest is not None else torch.sym_min(max_seqlen, total)
+    if longest is not None:
+        return longest
+    if isinstance(max_seqlen, torch.SymInt) or isinstance(total, torch.SymInt):
+        return torch.sym_min(max_seqlen, total)  # traced with dynamic shapes: stays symbolic
+    return min(max_seqlen, total)  # torch.sym_min of two ints breaks a fullgraph trace on torch 2.11
 
 
 INT32_MAX = 2**31 - 1

@@ -94,16 +94,23 @@ ragged_d7 or sum-ragged_d64-contiguous or d32-causal or only_empty or n5) or tes
 else
   find_cuda_home
   step environment "${GPU_CHECK_ENVIRONMENT_S:-15}" environment.log bash -c "nvidia-smi || true; $PY -c \"import \
-torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
-torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())\"; git log -1 --format='commit %H' \
+torch, triton, numpy, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+triton.__version__, 'numpy', numpy.__version__, 'setuptools', setuptools.__version__, torch.cuda.get_device_name(), \
+'capability', torch.cuda.get_device_capability())\"; git log -1 --format='commit %H' \
 2>/dev/null || echo 'commit ${DPAR_COMMIT:-unknown (no .git; set DPAR_COMMIT)}'; echo 'CUDA_HOME=${CUDA_HOME:-not \
 found}'; echo 'pytest workers: $WORKERS'; nproc"
   ARCH=${GPU_CHECK_ARCH:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
   SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   # the toolkit may lack headers that torch's CUDA headers include: add the pip wheels' copies
   EXTRA_INCLUDE=$(ls -d "$SITE"/nvidia/*/include "$SITE"/nvidia/cu*/include 2> /dev/null | sort -u | paste -sd: -)
-  step build "${GPU_CHECK_BUILD_S:-200}" build.log env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
-    DPAR_FORCE_CUDA=1 CPATH="$EXTRA_INCLUDE${CPATH:+:$CPATH}" "$PY" setup.py build_ext \
+  # setuptools < 77 rejects pyproject.toml's SPDX license fields: it then builds from a copy without pyproject.toml
+  BUILD_SRC=$PWD
+  if ! "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2> /dev/null; then
+    BUILD_SRC="$OUT/build/src"
+    mkdir -p "$BUILD_SRC" && cp -r setup.py csrc dpar_kernels "$BUILD_SRC"/
+  fi
+  step build "${GPU_CHECK_BUILD_S:-200}" build.log env -C "$BUILD_SRC" TORCH_CUDA_ARCH_LIST="$ARCH" \
+    MAX_JOBS="$(nproc)" DPAR_FORCE_CUDA=1 CPATH="$EXTRA_INCLUDE${CPATH:+:$CPATH}" "$PY" setup.py build_ext \
     --build-temp "$OUT/build/temp" --build-lib "$OUT/build/lib" &
   BUILD_PID=$!
   step pytest-triton "${GPU_CHECK_PYTEST_TRITON_S:-190}" pytest_triton.log "${PYTEST[@]}" "${GPU_TESTS[@]}" -k triton
