@@ -172,8 +172,8 @@ extern "C" int dpar_emulated_backward(int dtype, const int32_t* cu_q, const int3
   args.k_strides = {strides[4], strides[5]};
   args.v_strides = {strides[6], strides[7]};
   args.out_strides = {strides[8], strides[9]};
-  return dpar::attention::run_backward(args, delta, dq, TokenHeadStrides{strides[10], strides[11]}, dk,
-                                       TokenHeadStrides{strides[12], strides[13]}, dv,
-                                       TokenHeadStrides{strides[14], strides[15]}, nullptr,
-                                       dpar::attention::HostLaunch{});
+  const dpar::attention::BackwardOutputs outputs{delta, dq, TokenHeadStrides{strides[10], strides[11]}, dk,
+                                                 TokenHeadStrides{strides[12], strides[13]}, dv,
+                                                 TokenHeadStrides{strides[14], strides[15]}};
+  return dpar::attention::run_backward(args, outputs, nullptr, dpar::attention::HostLaunch{});
 }
