@@ -1,6 +1,8 @@
 // GPU launchers of the KV-cache attention kernels (kvcache_kernels.cuh); see kvcache.h.
 #include "cuda/kvcache.h"
 
+#include <atomic>
+
 #include "cuda/kvcache_kernels.cuh"
 
 namespace dpar {
@@ -24,6 +26,33 @@ struct CudaLaunch {
   }
 };
 
+constexpr int kMaxDevices = 64;
+
+// CTAs of attend_kernel<T, kD> one SM of the current device holds at once (1 when the query fails), looked up once
+// per device: the plan is made on every decode step.
+template <typename T, int kD>
+int resident_ctas() {
+  static std::atomic<int> known[kMaxDevices];  // 0: not looked up yet
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) device = -1;
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int known_per_sm = known[device].load(std::memory_order_relaxed);
+    if (known_per_sm > 0) return known_per_sm;
+  }
+  using P = kvcache::TilePlan<T, kD>;
+  int per_sm = 0;
+  if (allow_shared_bytes(kvcache::attend_kernel<T, kD>, P::kBytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kvcache::attend_kernel<T, kD>, kvcache::kThreads,
+                                                    P::kBytes) != cudaSuccess) {
+    cudaGetLastError();  // the launch reports its own errors; here only the plan is at stake
+    per_sm = 0;
+  }
+  per_sm = per_sm > 1 ? per_sm : 1;
+  if (cached) known[device].store(per_sm, std::memory_order_relaxed);
+  return per_sm;
+}
+
 }  // namespace
 
 KVCachePlan kvcache_attention_plan(const KVCacheShape& shape, int sm_count) {
@@ -31,15 +60,7 @@ KVCachePlan kvcache_attention_plan(const KVCacheShape& shape, int sm_count) {
   return kvcache::dispatch(shape, [&](auto type_tag, auto dim_tag) {
     using T = decltype(type_tag);
     constexpr int kD = decltype(dim_tag)::value;
-    using P = kvcache::TilePlan<T, kD>;
-    int per_sm = 0;
-    if (allow_shared_bytes(kvcache::attend_kernel<T, kD>, P::kBytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kvcache::attend_kernel<T, kD>, kvcache::kThreads,
-                                                      P::kBytes) != cudaSuccess) {
-      cudaGetLastError();  // the launch reports its own errors; here only the plan is at stake
-      per_sm = 1;
-    }
-    return kvcache::plan_for<T, kD>(shape, static_cast<long long>(sm_count) * (per_sm > 1 ? per_sm : 1));
+    return kvcache::plan_for<T, kD>(shape, static_cast<long long>(sm_count) * resident_ctas<T, kD>());
   });
 }
 

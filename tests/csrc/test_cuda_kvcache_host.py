@@ -109,8 +109,9 @@ def _check(lib, dtype, seqlen_q, heads_q, heads_kv, head_dim, max_keys, lengths,
     return out, splits
 
 
-# cache lengths per batch row: empty, one key, odd, full, past the cache and negative (both clamped).
-LENGTHS = [0, 1, 37, 200, 300, -5]
+# cache lengths per batch row (S_max 200): empty, one key, odd, one position left (later new keys dropped), past
+# the cache and negative (both clamped).
+LENGTHS = [0, 1, 37, 199, 300, -5]
 CASES = [
     # dtype, head_dim, heads_q, heads_kv, seqlen_q, appended, causal, layout, expect_vectorized
     (torch.float16, 128, 2, 2, 1, True, True, "dense", True),
