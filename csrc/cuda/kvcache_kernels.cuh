@@ -1,5 +1,5 @@
-// Kernels of the KV-cache attention (see kvcache.h), flash-decoding style. Included by kvcache.cu, which launches
-// them on the GPU, and by tests/csrc/cuda_host/kvcache_emulation.cpp, which runs the same code on host fibers
+// Kernels of the KV-cache attention (see kvcache.h), flash-decoding style. Included by kvcache_units.cuh (the GPU
+// launches), and by tests/csrc/cuda_host/kvcache_emulation.cpp, which runs the same code on host fibers
 // (DPAR_KVCACHE_HOST_EMULATION) to check it against dpar_kernels/kvcache/naive.py.
 //
 // attend_kernel: CTA (unit, split) with unit = (b, kv head, row block) owns up to kRows query rows r = g * Sq + i
@@ -448,20 +448,23 @@ inline bool valid_shape(const KVCacheShape& s) {
          static_cast<long long>(s.heads_q / s.heads_kv) * s.seqlen_q <= 0x7fffffff;
 }
 
-// Calls body(T{}, std::integral_constant<int, kD>{}) for the storage type and padded head dim (32, 64, 128, 256).
+// Calls body(T{}) for the storage type of `s` (valid).
 template <typename Body>
-auto dispatch(const KVCacheShape& s, Body&& body) {
-  auto with_dim = [&](auto type_tag) {
-    if (s.head_dim <= 32) return body(type_tag, std::integral_constant<int, 32>{});
-    if (s.head_dim <= 64) return body(type_tag, std::integral_constant<int, 64>{});
-    if (s.head_dim <= 128) return body(type_tag, std::integral_constant<int, 128>{});
-    return body(type_tag, std::integral_constant<int, 256>{});
-  };
+auto dispatch_type(const KVCacheShape& s, Body&& body) {
   switch (s.dtype) {
-    case DType::Float16: return with_dim(__half{});
-    case DType::BFloat16: return with_dim(__nv_bfloat16{});
-    default: return with_dim(float{});
+    case DType::Float16: return body(__half{});
+    case DType::BFloat16: return body(__nv_bfloat16{});
+    default: return body(float{});
   }
+}
+
+// Calls body(std::integral_constant<int, kD>{}) for the padded head dim (32, 64, 128, 256) of `s` (valid).
+template <typename Body>
+auto dispatch_head_dim(const KVCacheShape& s, Body&& body) {
+  if (s.head_dim <= 32) return body(std::integral_constant<int, 32>{});
+  if (s.head_dim <= 64) return body(std::integral_constant<int, 64>{});
+  if (s.head_dim <= 128) return body(std::integral_constant<int, 128>{});
+  return body(std::integral_constant<int, 256>{});
 }
 
 inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
@@ -518,17 +521,19 @@ inline bool rows_aligned16(const Args& a, int64_t bytes) {
                         strides_aligned16(a.vn_s, bytes)));
 }
 
-// args: everything but splits, split_keys, row_blocks and vectorized, which come from here.
-template <typename Launch>
-cudaError_t run_forward(Args args, KVCachePlan plan, cudaStream_t stream, Launch&& launch) {
+// True when the launcher accepts `args` with `plan` (the plan's fit to the head dim's tiles is checked later).
+inline bool valid_launch(const Args& args, KVCachePlan plan) {
+  return valid_shape(args.shape) && (args.k_new == nullptr) == (args.v_new == nullptr) && plan.splits >= 1 &&
+         plan.splits <= kKVCacheMaxSplits && plan.split_keys >= 1 &&
+         (plan.splits == 1 || (args.part_out != nullptr && args.part_lse != nullptr));
+}
+
+// The launches for storage type T (valid_launch holds). args: everything but splits, split_keys, row_blocks and
+// vectorized, which come from here.
+template <typename T, typename Launch>
+cudaError_t run_forward_typed(Args args, KVCachePlan plan, cudaStream_t stream, Launch&& launch) {
   const KVCacheShape& s = args.shape;
-  if (!valid_shape(s) || (args.k_new == nullptr) != (args.v_new == nullptr) || plan.splits < 1 ||
-      plan.splits > kKVCacheMaxSplits || plan.split_keys < 1 ||
-      (plan.splits > 1 && (args.part_out == nullptr || args.part_lse == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  return dispatch(s, [&](auto type_tag, auto dim_tag) -> cudaError_t {
-    using T = decltype(type_tag);
+  return dispatch_head_dim(s, [&](auto dim_tag) -> cudaError_t {
     constexpr int kD = decltype(dim_tag)::value;
     using P = TilePlan<T, kD>;
     if (plan.split_keys % P::kN != 0 || static_cast<long long>(plan.splits) * plan.split_keys < s.max_keys) {
@@ -546,6 +551,15 @@ cudaError_t run_forward(Args args, KVCachePlan plan, cudaStream_t stream, Launch
                                    P::kBytes, stream, args);
     if (err != cudaSuccess || plan.splits == 1) return err;
     return launch(merge_kernel<T>, dim3(static_cast<unsigned>(ceil_div(rows, kWarps))), 0, stream, args);
+  });
+}
+
+// Every storage type in one unit (the host emulation); the GPU build compiles one unit per type (kvcache_units.cuh).
+template <typename Launch>
+cudaError_t run_forward(const Args& args, KVCachePlan plan, cudaStream_t stream, Launch&& launch) {
+  if (!valid_launch(args, plan)) return cudaErrorInvalidValue;
+  return dispatch_type(args.shape, [&](auto type_tag) {
+    return run_forward_typed<decltype(type_tag)>(args, plan, stream, launch);
   });
 }
 

@@ -66,8 +66,10 @@ extern "C" void dpar_emulated_kvcache_plan(int dtype, const int* sizes, int64_t 
   const dpar::KVCacheShape shape = make_shape(dtype, sizes, 1.f, 1);
   dpar::KVCachePlan result{0, 0};
   if (dpar::kvcache::valid_shape(shape)) {
-    result = dpar::kvcache::dispatch(shape, [&](auto type_tag, auto dim_tag) {
-      return dpar::kvcache::plan_for<decltype(type_tag), decltype(dim_tag)::value>(shape, slots);
+    result = dpar::kvcache::dispatch_type(shape, [&](auto type_tag) {
+      return dpar::kvcache::dispatch_head_dim(shape, [&](auto dim_tag) {
+        return dpar::kvcache::plan_for<decltype(type_tag), decltype(dim_tag)::value>(shape, slots);
+      });
     });
   }
   plan[0] = result.splits;
