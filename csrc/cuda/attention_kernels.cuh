@@ -415,24 +415,25 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(KernelArgs args) {
 // Host side: grids, shared-memory sizes and kernel arguments. `launch(kernel, grid, smem_bytes, stream, args)` runs
 // one kernel (a CUDA launch in attention.cu, host threads in the emulation).
 
-// Calls body(T{}, std::integral_constant<int, D>{}, std::bool_constant<kShort>{}) for the storage type and head
-// dim of `shape`, kShort when its longest query sequence fits the short plans (kShortQueries).
+// Calls body(std::integral_constant<int, D>{}) for the head dim of `shape` (supported, see valid_shape).
 template <typename Body>
-cudaError_t dispatch_dtype_and_head_dim(const VarlenAttentionShape& shape, Body&& body) {
+cudaError_t dispatch_head_dim(const VarlenAttentionShape& shape, Body&& body) {
+  switch (shape.head_dim) {
+    case 32: return body(std::integral_constant<int, 32>{});
+    case 64: return body(std::integral_constant<int, 64>{});
+    case 80: return body(std::integral_constant<int, 80>{});
+    case 96: return body(std::integral_constant<int, 96>{});
+    case 128: return body(std::integral_constant<int, 128>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls body(T{}, std::bool_constant<kShort>{}) for the storage type of `shape`, kShort when its longest query
+// sequence fits the short plans (kShortQueries).
+template <typename Body>
+cudaError_t dispatch_dtype_and_plan(const VarlenAttentionShape& shape, Body&& body) {
   return dispatch_dtype(shape.dtype, [&](auto type_tag) -> cudaError_t {
-    using T = decltype(type_tag);
-    auto with_plan = [&](auto dim_tag) -> cudaError_t {
-      return shape.max_seqlen_q <= kShortQueries ? body(T{}, dim_tag, std::true_type{})
-                                                 : body(T{}, dim_tag, std::false_type{});
-    };
-    switch (shape.head_dim) {
-      case 32: return with_plan(std::integral_constant<int, 32>{});
-      case 64: return with_plan(std::integral_constant<int, 64>{});
-      case 80: return with_plan(std::integral_constant<int, 80>{});
-      case 96: return with_plan(std::integral_constant<int, 96>{});
-      case 128: return with_plan(std::integral_constant<int, 128>{});
-    }
-    return cudaErrorInvalidValue;
+    return shape.max_seqlen_q <= kShortQueries ? body(type_tag, std::true_type{}) : body(type_tag, std::false_type{});
   });
 }
 
@@ -442,14 +443,25 @@ inline bool valid_shape(const VarlenAttentionShape& shape) {
          supported_head_dim(shape.head_dim);
 }
 
-// args: shape, q, k, v with strides, result0 = out (+ strides), stats_out = lse.
-template <typename Launch>
-cudaError_t run_forward(const KernelArgs& args, cudaStream_t stream, Launch&& launch) {
+// The arguments of the backward launchers beyond KernelArgs (shape, q, k, v, out, dout with strides and lse):
+// delta_workspace fp32 [heads_q, total_q]; the results go to dq, dk, dv.
+struct BackwardOutputs {
+  float* delta_workspace;
+  void* dq;
+  TokenHeadStrides dq_strides;
+  void* dk;
+  TokenHeadStrides dk_strides;
+  void* dv;
+  TokenHeadStrides dv_strides;
+};
+
+// The forward of head dim kD (the shape's, valid). args: shape, q, k, v with strides, result0 = out (+ strides),
+// stats_out = lse.
+template <int kD, typename Launch>
+cudaError_t run_forward_head_dim(const KernelArgs& args, cudaStream_t stream, Launch&& launch) {
   const VarlenAttentionShape& shape = args.shape;
-  if (!valid_shape(shape)) return cudaErrorInvalidValue;
-  return dispatch_dtype_and_head_dim(shape, [&](auto type_tag, auto dim_tag, auto short_tag) -> cudaError_t {
+  return dispatch_dtype_and_plan(shape, [&](auto type_tag, auto short_tag) -> cudaError_t {
     using T = decltype(type_tag);
-    constexpr int kD = decltype(dim_tag)::value;
     constexpr bool kShort = decltype(short_tag)::value;
     using Plan = ForwardPlan<sizeof(T), kD, kShort>;
     const dim3 grid(shape.batch, ceil_div(shape.max_seqlen_q, Plan::kBlockM), shape.heads_q);
@@ -457,42 +469,57 @@ cudaError_t run_forward(const KernelArgs& args, cudaStream_t stream, Launch&& la
   });
 }
 
-// args: shape, q, k, v, out, dout with strides and lse; delta_workspace: fp32 [heads_q, total_q]; the results go
-// to dq, dk, dv.
-template <typename Launch>
-cudaError_t run_backward(KernelArgs args, float* delta_workspace, void* dq, TokenHeadStrides dq_strides, void* dk,
-                         TokenHeadStrides dk_strides, void* dv, TokenHeadStrides dv_strides, cudaStream_t stream,
-                         Launch&& launch) {
+// The backward of head dim kD (the shape's, valid).
+template <int kD, typename Launch>
+cudaError_t run_backward_head_dim(KernelArgs args, const BackwardOutputs& outputs, cudaStream_t stream,
+                                  Launch&& launch) {
   const VarlenAttentionShape& shape = args.shape;
-  if (!valid_shape(shape)) return cudaErrorInvalidValue;
-  return dispatch_dtype_and_head_dim(shape, [&](auto type_tag, auto dim_tag, auto short_tag) -> cudaError_t {
+  return dispatch_dtype_and_plan(shape, [&](auto type_tag, auto short_tag) -> cudaError_t {
     using T = decltype(type_tag);
-    constexpr int kD = decltype(dim_tag)::value;
     constexpr bool kShort = decltype(short_tag)::value;
     using Plan = BackwardPlan<sizeof(T), kD, kShort>;
 
-    args.delta = delta_workspace;
+    args.delta = outputs.delta_workspace;
     KernelArgs delta_args = args;
-    delta_args.stats_out = delta_workspace;
+    delta_args.stats_out = outputs.delta_workspace;
     const int64_t delta_blocks = (shape.total_q * shape.heads_q + kWarps - 1) / kWarps;
     if (delta_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     cudaError_t err = launch(delta_kernel<T>, dim3(static_cast<unsigned>(delta_blocks)), 0, stream, delta_args);
     if (err != cudaSuccess) return err;
 
     KernelArgs dq_args = args;
-    dq_args.result0 = dq;
-    dq_args.result0_strides = dq_strides;
+    dq_args.result0 = outputs.dq;
+    dq_args.result0_strides = outputs.dq_strides;
     err = launch(dq_kernel<T, kD, kShort>, dim3(shape.batch, ceil_div(shape.max_seqlen_q, Plan::kBlockM), shape.heads_q),
                  Plan::kBytes, stream, dq_args);
     if (err != cudaSuccess) return err;
 
     KernelArgs dkdv_args = args;
-    dkdv_args.result0 = dk;
-    dkdv_args.result0_strides = dk_strides;
-    dkdv_args.result1 = dv;
-    dkdv_args.result1_strides = dv_strides;
+    dkdv_args.result0 = outputs.dk;
+    dkdv_args.result0_strides = outputs.dk_strides;
+    dkdv_args.result1 = outputs.dv;
+    dkdv_args.result1_strides = outputs.dv_strides;
     return launch(dkdv_kernel<T, kD, kShort>, dim3(shape.batch, ceil_div(shape.max_seqlen_k, Plan::kBlockN), shape.heads_kv),
                   Plan::kBytes, stream, dkdv_args);
+  });
+}
+
+// Every head dim in one unit (the host emulation); the GPU build instantiates one unit per head dim and direction
+// (attention_units.cuh).
+template <typename Launch>
+cudaError_t run_forward(const KernelArgs& args, cudaStream_t stream, Launch&& launch) {
+  if (!valid_shape(args.shape)) return cudaErrorInvalidValue;
+  return dispatch_head_dim(args.shape, [&](auto dim_tag) {
+    return run_forward_head_dim<decltype(dim_tag)::value>(args, stream, launch);
+  });
+}
+
+template <typename Launch>
+cudaError_t run_backward(const KernelArgs& args, const BackwardOutputs& outputs, cudaStream_t stream,
+                         Launch&& launch) {
+  if (!valid_shape(args.shape)) return cudaErrorInvalidValue;
+  return dispatch_head_dim(args.shape, [&](auto dim_tag) {
+    return run_backward_head_dim<decltype(dim_tag)::value>(args, outputs, stream, launch);
   });
 }
 

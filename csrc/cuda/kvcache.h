@@ -1,4 +1,5 @@
-// Torch-free launcher of the KV-cache attention kernels (flash_attn_with_kvcache layout), split-KV + merge.
+// Torch-free launcher of the KV-cache attention kernels (flash_attn_with_kvcache layout), flash-decoding style:
+// split-KV partial attention with the cache write fused in, then a log-sum-exp merge of the splits.
 //
 // q, out [batch, seqlen_q, heads_q, head_dim]; k_cache, v_cache [batch, max_keys, heads_kv, head_dim]; k_new, v_new
 // [batch, seqlen_q, heads_kv, head_dim] (optional, null when absent), each addressed through (batch, position,
@@ -32,18 +33,26 @@ struct CacheStrides {
 };
 
 constexpr int kKVCacheMaxHeadDim = 256;
+constexpr int kKVCacheMaxSplits = 32;
 
-// Number of key splits and keys per split for a cache of max_keys (at most 16 splits of >= 128 keys).
-int kvcache_attention_splits(int max_keys);
-int kvcache_attention_split_size(int max_keys);
+// How the keys are split: `splits` CTAs per (batch, kv head, row block), each over `split_keys` keys.
+struct KVCachePlan {
+  int splits;
+  int split_keys;
+};
 
-// workspace_out: fp32 [splits * batch * seqlen_q * heads_q * head_dim]; workspace_lse: fp32 [splits * batch *
-// seqlen_q * heads_q]. Every element of out is written.
-cudaError_t kvcache_attention_forward(const KVCacheShape& shape, const void* q, CacheStrides q_strides, void* k_cache,
-                                      CacheStrides k_cache_strides, void* v_cache, CacheStrides v_cache_strides,
-                                      const int32_t* cache_seqlens, const void* k_new, CacheStrides k_new_strides,
-                                      const void* v_new, CacheStrides v_new_strides, void* out,
-                                      CacheStrides out_strides, float* workspace_out, float* workspace_lse,
-                                      cudaStream_t stream);
+// The plan for `shape` on a device with `sm_count` SMs (the current device): FlashAttention-2's wave rule over the
+// B x Hk x row-block CTAs against the CTAs the SMs hold at once. {0, 0} for a shape the launcher rejects.
+KVCachePlan kvcache_attention_plan(const KVCacheShape& shape, int sm_count);
+
+// plan: from kvcache_attention_plan for the same shape. With plan.splits > 1 the workspaces are needed:
+// workspace_out fp32 [splits * batch * seqlen_q * heads_q * head_dim], workspace_lse fp32 [splits * batch * seqlen_q
+// * heads_q]; with one split they may be null. Every element of out is written.
+cudaError_t kvcache_attention_forward(const KVCacheShape& shape, KVCachePlan plan, const void* q,
+                                      CacheStrides q_strides, void* k_cache, CacheStrides k_cache_strides,
+                                      void* v_cache, CacheStrides v_cache_strides, const int32_t* cache_seqlens,
+                                      const void* k_new, CacheStrides k_new_strides, const void* v_new,
+                                      CacheStrides v_new_strides, void* out, CacheStrides out_strides,
+                                      float* workspace_out, float* workspace_lse, cudaStream_t stream);
 
 }  // namespace dpar

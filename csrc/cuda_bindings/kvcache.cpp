@@ -43,8 +43,10 @@ at::Tensor kvcache_attention_cuda(const at::Tensor& q, at::Tensor& k_cache, at::
                   cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
                   cache_seqlens.numel() == q.size(0) && cache_seqlens.is_contiguous(),
               "kvcache_attention: cache_seqlens must be a contiguous int32 [B] tensor on ", q.device());
-  TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX && k_cache.size(1) <= INT32_MAX && q.size(2) <= 65535,
-              "kvcache_attention (cuda): at most 2^31 - 1 query rows and cache positions, 65535 heads");
+  TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX && q.size(2) <= INT32_MAX && k_cache.size(1) <= INT32_MAX &&
+                  q.size(2) / k_cache.size(2) * q.size(1) <= INT32_MAX,
+              "kvcache_attention (cuda): at most 2^31 - 1 query rows (B x Sq), heads, cache positions and query rows "
+              "per kv head (Hq / Hk x Sq)");
   KVCacheShape shape{};
   shape.batch = static_cast<int>(q.size(0));
   shape.seqlen_q = static_cast<int>(q.size(1));
@@ -56,18 +58,24 @@ at::Tensor kvcache_attention_cuda(const at::Tensor& q, at::Tensor& k_cache, at::
   shape.causal = causal;
   shape.dtype = to_dtype(q);
   const c10::cuda::CUDAGuard guard(q.device());
+  // the split count follows the occupancy of this device (its SM count; a cached host-side property)
+  const KVCachePlan plan = kvcache_attention_plan(shape, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  TORCH_CHECK(plan.splits >= 1, "kvcache_attention (cuda): no launch plan for this shape");
   at::Tensor out = at::empty(q.sizes(), q.options());
-  const int64_t splits = kvcache_attention_splits(shape.max_keys);
   const int64_t rows = q.size(0) * q.size(1) * q.size(2);
-  at::Tensor part_out = at::empty({splits, rows, q.size(3)}, q.options().dtype(at::kFloat));
-  at::Tensor part_lse = at::empty({splits, rows}, q.options().dtype(at::kFloat));
+  at::Tensor part_out, part_lse;  // the splits' partial results, only with more than one split
+  if (plan.splits > 1) {
+    part_out = at::empty({plan.splits, rows, q.size(3)}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({plan.splits, rows}, q.options().dtype(at::kFloat));
+  }
   const CacheStrides none{0, 0, 0};
-  check_launch(kvcache_attention_forward(shape, q.data_ptr(), strides_of(q), k_cache.data_ptr(), strides_of(k_cache),
-                                         v_cache.data_ptr(), strides_of(v_cache), cache_seqlens.data_ptr<int32_t>(),
-                                         k ? k->data_ptr() : nullptr, k ? strides_of(*k) : none,
-                                         v ? v->data_ptr() : nullptr, v ? strides_of(*v) : none, out.data_ptr(),
-                                         strides_of(out), part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
-                                         current_stream()),
+  check_launch(kvcache_attention_forward(shape, plan, q.data_ptr(), strides_of(q), k_cache.data_ptr(),
+                                         strides_of(k_cache), v_cache.data_ptr(), strides_of(v_cache),
+                                         cache_seqlens.data_ptr<int32_t>(), k ? k->data_ptr() : nullptr,
+                                         k ? strides_of(*k) : none, v ? v->data_ptr() : nullptr,
+                                         v ? strides_of(*v) : none, out.data_ptr(), strides_of(out),
+                                         plan.splits > 1 ? part_out.data_ptr<float>() : nullptr,
+                                         plan.splits > 1 ? part_lse.data_ptr<float>() : nullptr, current_stream()),
                "kvcache_attention (cuda)");
   return out;
 }

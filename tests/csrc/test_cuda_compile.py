@@ -23,9 +23,10 @@ def test_cu_file_compiles_without_spills(cu_file, arch, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"nvcc failed for {cu_file.name} ({arch}):\n{log}"
-    spills = [int(n) for n in SPILL.findall(log)]
-    assert spills, f"no ptxas report for {cu_file.name} ({arch}); is -Xptxas -v honoured?\n{log}"
-    assert max(spills) == 0, f"{cu_file.name} ({arch}) spills registers:\n{log}"
+    assert "ptxas info" in log, f"no ptxas report for {cu_file.name} ({arch}); is -Xptxas -v honoured?\n{log}"
+    spills = [int(n) for n in SPILL.findall(log)]  # a store and a load figure per kernel (none in attention.cu)
+    assert len(spills) == 2 * log.count("Compiling entry function"), log
+    assert max(spills, default=0) == 0, f"{cu_file.name} ({arch}) spills registers:\n{log}"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "csrc" / "cuda").glob("*")), ids=lambda p: p.name)

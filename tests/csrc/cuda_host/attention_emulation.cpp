@@ -1,91 +1,17 @@
 // Runs the CUDA attention kernels (csrc/cuda/attention_kernels.cuh) on the host, for tests without a GPU.
 //
-// Each thread block runs as kThreads cooperative fibers (ucontext) on one OS thread: __syncthreads/__syncwarp are
-// barriers that switch fibers until every thread of the block/warp has arrived, warp shuffles go through a per-warp
-// exchange buffer, shared memory is a per-block buffer poisoned with NaN bytes, and wmma fragments are emulated by
-// 16x16 fp32 tiles distributed over the lanes (each lane computes and stores 8 elements). Built as a shared
-// library by tests/csrc/test_cuda_attention_host.py and called through ctypes with torch CPU tensors standing in for
-// device memory. Needs the CUDA headers (types and fp16/bf16 conversions only).
+// Threads are fibers (block_emulation.h); wmma fragments are emulated by 16x16 fp32 tiles distributed over the lanes
+// (each lane computes and stores 8 elements). Built as a shared library by tests/csrc/test_cuda_attention_host.py and
+// called through ctypes with torch CPU tensors standing in for device memory.
 #define DPAR_ATTENTION_HOST_EMULATION 1
 
-#include <cuda_runtime.h>
-#include <ucontext.h>
+#include "block_emulation.h"
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <vector>
+#include <type_traits>
 
 #include "cuda/common.cuh"
-
-#define __launch_bounds__(...)  // defined by the CUDA headers for nvcc only
-
-uint3 threadIdx;
-uint3 blockIdx;
-
-namespace emulation {
-
-constexpr int kWarpSize = 32;
-constexpr size_t kStackBytes = 256 * 1024;
-
-struct Barrier {
-  int expected = 0;
-  int arrived = 0;
-  unsigned generation = 0;
-};
-
-struct Fiber {
-  ucontext_t context;
-  std::unique_ptr<char[]> stack;
-  bool done = false;
-  unsigned shuffle_parity = 0;
-};
-
-// One thread block in flight: its fibers, barriers, shared memory and shuffle buffers.
-struct Block {
-  ucontext_t scheduler;
-  std::vector<Fiber> fibers;
-  Barrier block_barrier;
-  std::vector<Barrier> warp_barriers;
-  std::vector<float> exchange[2];
-  unsigned char* smem = nullptr;
-  int running = 0;  // index of the fiber in control
-};
-
-Block* current = nullptr;
-
-inline void yield() { swapcontext(&current->fibers[current->running].context, &current->scheduler); }
-
-inline void wait(Barrier& barrier) {
-  const unsigned generation = barrier.generation;
-  if (++barrier.arrived == barrier.expected) {
-    barrier.arrived = 0;
-    ++barrier.generation;
-    return;
-  }
-  while (barrier.generation == generation) yield();
-}
-
-}  // namespace emulation
-
-inline void __syncthreads() { emulation::wait(emulation::current->block_barrier); }
-
-inline void __syncwarp(unsigned = 0xffffffffu) {
-  emulation::wait(emulation::current->warp_barriers[threadIdx.x / emulation::kWarpSize]);
-}
-
-// Double-buffered: a lane can only write a buffer again after the next shuffle's barrier, which every lane reaches
-// after reading this one.
-inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-  auto& fiber = emulation::current->fibers[threadIdx.x];
-  std::vector<float>& buffer = emulation::current->exchange[fiber.shuffle_parity];
-  fiber.shuffle_parity ^= 1u;
-  const int lane = threadIdx.x % emulation::kWarpSize, warp_base = threadIdx.x - lane;
-  buffer[threadIdx.x] = value;
-  __syncwarp();
-  return buffer[warp_base + (lane ^ lane_mask)];
-}
 
 namespace nvcuda {
 namespace wmma {
@@ -170,82 +96,14 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 namespace dpar {
 namespace attention {
 
-unsigned char* shared_bytes() { return emulation::current->smem; }
+unsigned char* shared_bytes() { return emulation::shared_memory(); }
 
 namespace {
 
-constexpr uint64_t kAllDone = ~uint64_t{0} - 1;
-
-// A number that changes whenever a fiber of the block arrives at a barrier, passes one, or returns.
-uint64_t progress(const emulation::Block& block) {
-  uint64_t state = 0, done = 0;
-  for (const auto& fiber : block.fibers) done += fiber.done ? 1 : 0;
-  if (done == block.fibers.size()) return kAllDone;
-  auto mix = [&state](uint64_t x) { state = state * 1000003u + x; };
-  mix(done);
-  mix(block.block_barrier.arrived);
-  mix(block.block_barrier.generation);
-  for (const auto& barrier : block.warp_barriers) {
-    mix(barrier.arrived);
-    mix(barrier.generation);
-  }
-  return state;
-}
-
-// Runs every block of the grid, one after another, as kThreads fibers scheduled round-robin.
 struct HostLaunch {
   template <typename Kernel>
   cudaError_t operator()(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t, const KernelArgs& args) const {
-    std::vector<unsigned char> smem(static_cast<size_t>(smem_bytes) + kSmemAlign);
-    unsigned char* aligned = smem.data() + (kSmemAlign - reinterpret_cast<uintptr_t>(smem.data()) % kSmemAlign);
-    emulation::Block block;
-    block.fibers.resize(kThreads);
-    for (auto& fiber : block.fibers) fiber.stack.reset(new char[emulation::kStackBytes]);
-    for (auto& buffer : block.exchange) buffer.assign(kThreads, 0.f);
-    block.smem = aligned;
-    static Kernel entry_kernel;
-    static const KernelArgs* entry_args;
-    entry_kernel = kernel;
-    entry_args = &args;
-    for (unsigned z = 0; z < grid.z; ++z) {
-      for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          std::memset(aligned, 0xff, smem_bytes);  // NaN in every float/half/bf16 view: stale reads show up
-          block.block_barrier = {kThreads, 0, 0};
-          block.warp_barriers.assign(kWarps, emulation::Barrier{emulation::kWarpSize, 0, 0});
-          for (auto& fiber : block.fibers) {
-            getcontext(&fiber.context);
-            fiber.context.uc_stack.ss_sp = fiber.stack.get();
-            fiber.context.uc_stack.ss_size = emulation::kStackBytes;
-            fiber.context.uc_link = &block.scheduler;
-            makecontext(&fiber.context, +[] {
-              entry_kernel(*entry_args);
-              emulation::current->fibers[emulation::current->running].done = true;
-            }, 0);
-            fiber.done = false;
-            fiber.shuffle_parity = 0;
-          }
-          emulation::current = &block;
-          blockIdx = {x, y, z};
-          // Round-robin until every fiber has returned. A round that changes nothing (no barrier arrival or
-          // release, no fiber returning) means a barrier some threads never reach: report it as a launch failure.
-          for (uint64_t state = 0, previous = ~uint64_t{0}; state != previous;) {
-            previous = state;
-            for (int t = 0; t < kThreads; ++t) {
-              if (block.fibers[t].done) continue;
-              block.running = t;
-              threadIdx = {static_cast<unsigned>(t), 0, 0};
-              swapcontext(&block.scheduler, &block.fibers[t].context);
-            }
-            state = progress(block);
-            if (state == kAllDone) break;
-          }
-          if (progress(block) != kAllDone) return cudaErrorLaunchFailure;
-        }
-      }
-    }
-    emulation::current = nullptr;
-    return cudaSuccess;
+    return emulation::run_grid(grid, kThreads, smem_bytes, kSmemAlign, [&] { kernel(args); });
   }
 };
 
@@ -314,8 +172,8 @@ extern "C" int dpar_emulated_backward(int dtype, const int32_t* cu_q, const int3
   args.k_strides = {strides[4], strides[5]};
   args.v_strides = {strides[6], strides[7]};
   args.out_strides = {strides[8], strides[9]};
-  return dpar::attention::run_backward(args, delta, dq, TokenHeadStrides{strides[10], strides[11]}, dk,
-                                       TokenHeadStrides{strides[12], strides[13]}, dv,
-                                       TokenHeadStrides{strides[14], strides[15]}, nullptr,
-                                       dpar::attention::HostLaunch{});
+  const dpar::attention::BackwardOutputs outputs{delta, dq, TokenHeadStrides{strides[10], strides[11]}, dk,
+                                                 TokenHeadStrides{strides[12], strides[13]}, dv,
+                                                 TokenHeadStrides{strides[14], strides[15]}};
+  return dpar::attention::run_backward(args, outputs, nullptr, dpar::attention::HostLaunch{});
 }

@@ -1,0 +1,5 @@
+// The KV-cache attention kernels for __half storage (see kvcache_units.cuh).
+#include "cuda/kvcache_units.cuh"
+
+template dpar::KVCachePlan dpar::kvcache::plan_on_gpu<__half>(const KVCacheShape&, int);
+template cudaError_t dpar::kvcache::forward_on_gpu<__half>(const Args&, KVCachePlan, cudaStream_t);
