@@ -6,21 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOG=$(mktemp -t dpar-setup.XXXXXX)
-trap 'rm -f "$LOG"' EXIT
-
-phase() {  # phase "what it does" "about how long" command...: one line, the command's output in $LOG
-  local what=$1 about=$2 started=$SECONDS
-  shift 2
-  printf 'setup: %s (%s) ... ' "$what" "$about"
-  if "$@" >"$LOG" 2>&1; then
-    echo "done in $((SECONDS - started)) s"
-  else
-    echo "FAILED after $((SECONDS - started)) s; the last lines of its output:"
-    tail -n 60 "$LOG"
-    exit 1
-  fi
-}
+source scripts/phase.sh
 
 setup_started=$SECONDS
 if ! "$PY" -c "import torch" 2>/dev/null; then
