@@ -19,6 +19,6 @@ fi
 phase "installing the build tools (setuptools, ninja, build)" "seconds" "$PY" -m pip install -q "setuptools>=77" \
   ninja build
 phase "installing dpar-kernels and its test extras, compiling dpar_kernels._C" \
-  "about 2-3 min on 2 cores, seconds when already built" "$PY" -m pip install -q --no-build-isolation -e ".[test]"
+  "about 1.5-3 min on 2 cores" "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 "$PY" -c "import dpar_kernels as dk, dpar_kernels._extension as e; print('setup: done in', $SECONDS - $setup_started,
   's | dpar_kernels extension: cpu ops', e.HAS_CPU_OPS, '| cuda ops', e.HAS_CUDA_OPS, '| CPU ISA path', dk.cpu_isa())"
