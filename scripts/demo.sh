@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the reference pipeline demo on the embedded default data (CPU; its wall time
-# is in benchmarks/RESULTS.md).
+# Sets up (scripts/setup.sh, a line per phase) and runs the pipeline demo on the photographs scikit-image ships (CPU;
+# its measured times are in README.md and benchmarks/RESULTS.md). Arguments go to `dpar demo` (e.g. --full, --threads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
