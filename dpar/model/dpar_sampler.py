@@ -68,6 +68,7 @@ class DparSampler:
         noise = gen._noise(self.model, images * length, self.temperature, generator)
         return None if noise is None else noise.view(length, images).t()
 
+    @torch.no_grad()
     def load(self, slots: torch.Tensor | None, labels: torch.Tensor, noise: torch.Tensor | None) -> None:
         """Starts new images in ``slots`` (int64 [n], distinct; None: every slot) with class ``labels`` (int64 [n])
         and sampling ``noise`` [n, T] (draw_noise): resets their caches and bookkeeping and runs their class-token
@@ -94,6 +95,7 @@ class DparSampler:
         self.condition[row_slots] = model.decoder_condition(out)
         self.previous[row_slots] = model.decoder_start.to(self.previous.dtype)
 
+    @torch.no_grad()
     def step(self) -> int:
         """One scheduling step; returns how many images were unfinished before it (0: nothing ran)."""
         waiting, longest, unfinished = self.images.summary()
@@ -110,6 +112,7 @@ class DparSampler:
         self.local_steps += 1
         return unfinished
 
+    @torch.no_grad()
     def run(self) -> tuple[torch.Tensor, PatchBatch]:
         """Steps until every slot is finished -> (tokens int64 [batch, T], PatchBatch of the patches used)."""
         while self.step():

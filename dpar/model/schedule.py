@@ -12,6 +12,7 @@ every policy: only the order of work changes (the sampling noise is keyed by ima
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -119,3 +120,26 @@ class ImageStates:
         counts = self.boundary.sum(1)
         cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return PatchBatch.from_lengths(lengths, cu, self.grid_width)
+
+
+def simulate_schedule(patch_lengths: list[list[int]], policy: WaitFraction) -> tuple[int, list[int]]:
+    """The steps DparSampler takes for images with these patches (one list of patch lengths per image, each
+    summing to the same T) under ``policy``, without a model -> (local steps, images served by each global step).
+    For cost models: the sampler's own counts are the same (tests/model/test_schedule.py)."""
+    length = sum(patch_lengths[0])
+    starts = [set(itertools.accumulate(lengths[:-1])) for lengths in patch_lengths]
+    position, waiting = [0] * len(patch_lengths), [False] * len(patch_lengths)
+    local_steps, served = 0, []
+    while True:
+        unfinished = sum(p < length for p in position)
+        count = sum(waiting)
+        if not unfinished:
+            return local_steps, served
+        if count and (count == unfinished or policy.run_global(count, unfinished)):
+            served.append(count)
+            waiting = [False] * len(waiting)
+        for b, p in enumerate(position):
+            if not waiting[b] and p < length:
+                position[b] = p + 1
+                waiting[b] = p + 1 in starts[b]
+        local_steps += 1

@@ -6,7 +6,7 @@ from model_utils import single_thread, tiny_models  # noqa: F401
 
 from dpar.model.dpar_sampler import DparSampler
 from dpar.model.kv_cache import KVCache
-from dpar.model.schedule import LOCKSTEP, WaitFraction, schedule_policy
+from dpar.model.schedule import LOCKSTEP, WaitFraction, schedule_policy, simulate_schedule
 
 
 def _median_threshold(config, entropy_model, seed=0):
@@ -137,3 +137,15 @@ def test_a_masked_cache_step_appends_only_the_active_rows():
     assert cache.lengths.tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="rows or active"):
         cache.begin(torch.tensor([0]), torch.tensor([True, False, True]))
+
+
+@pytest.mark.parametrize("schedule", ["lockstep", WaitFraction(0.5), WaitFraction(1.0)], ids=str)
+def test_the_schedule_simulation_counts_the_sampler_steps(schedule):
+    models = tiny_models(seed=4, grid_width=6, grid_height=3)
+    config, entropy_model = models[0], models[3]
+    labels = torch.arange(5)
+    _, patches, sampler = _run(models, labels, schedule, _median_threshold(config, entropy_model), 3)
+    per_image = [patches.image(b).patch_lengths.tolist() for b in range(5)]
+    local_steps, served = simulate_schedule(per_image, schedule_policy(schedule))
+    assert (local_steps, len(served)) == (sampler.local_steps, sampler.global_steps)
+    assert sum(served) == patches.num_patches - 5  # every patch but each image's last is served once
