@@ -40,7 +40,7 @@ class WaitFraction:
 
 
 LOCKSTEP = WaitFraction(0.0)
-OUT_OF_STEP = WaitFraction(0.75)  # chosen with benchmarks/sampling_cost_model.py (benchmarks/RESULTS.md)
+OUT_OF_STEP = WaitFraction(0.3)  # chosen with benchmarks/sampling_cost_model.py (benchmarks/results/sampling_*)
 
 
 def schedule_policy(schedule) -> WaitFraction:

@@ -54,7 +54,8 @@ def test_out_of_step_gives_the_lockstep_tokens(schedule, batch, threshold, max_p
     assert sampler.local_steps >= config.tokens_per_image
     assert sampler.global_steps <= lockstep.global_steps
     fewest = int(expected_patches.patches_per_image().max()) - 1  # global steps if all patches were aligned
-    if lockstep.global_steps > fewest + 2:  # unaligned patches: out of step needs fewer global steps
+    if lockstep.global_steps > fewest + 2 and schedule_policy(schedule).fraction >= 0.5:
+        # unaligned patches, a policy that waits for half the batch: fewer global steps
         assert sampler.global_steps < lockstep.global_steps, (sampler.global_steps, lockstep.global_steps)
 
 
