@@ -1,11 +1,12 @@
 """DPAR's KV-cache sampler: a batch of image slots, each at its own token, scheduled by a policy (schedule.py).
 
-A scheduling step reads one small tensor (schedule.ImageStates.summary: images waiting for the global step, the
-longest patch they close, unfinished images), then runs, if the policy says so, one cached global step for the
-waiting images (their closed patches are embedded and appended to the global sequence), then one local step for
-every row: the decoder predicts each active image's next token from the encoder state of its previous token and the
-global output before its patch, the sampled token feeds the encoder and the entropy model. Waiting and finished rows
-compute too (static shapes: the local step is one compiled graph) but append nothing and keep their state.
+A scheduling step reads one small tensor (schedule.ImageStates.summary: images waiting for the global step,
+unfinished images), then runs, if the policy says so, one cached global step appended for the waiting images (their
+closed patches are embedded and appended to the global sequence), then one local step appended for the active
+images: the decoder predicts each one's next token from the encoder state of its previous token and the global
+output before its patch, the sampled token feeds the encoder and the entropy model. Both steps compute every row
+(static shapes: each is one compiled graph, and a row's arithmetic does not depend on which images share the step,
+so every schedule gives the same tokens in any precision); the other rows append nothing and keep their state.
 Everything else, patch bookkeeping included, stays on the device.
 
 Classifier-free guidance doubles the rows: rows [0, B) carry the labels, rows [B, 2B) the null class; both rows of
@@ -44,7 +45,8 @@ class DparSampler:
         thresholds = gen._thresholds(threshold, batch, self.device)
         entropy_needed = bool((thresholds < float("inf")).any())  # all +inf: fixed-size patches, no entropy model
         self._step = gen._step_function(_dpar_step, compile)
-        self._append_patches = gen._step_function(_append_patches, compile, dynamic=True)
+        self._append_patches = gen._step_function(_append_patches, compile)
+        self.max_patch_size = max_patch_size
         self.encoder_cache = gen._cache(model, c.encoder_layers, self.rows, length)
         self.global_cache = gen._cache(model, c.global_layers, self.rows, length + 1)
         self.decoder_cache = gen._cache(model, c.decoder_layers, self.rows, length)
@@ -98,12 +100,12 @@ class DparSampler:
     @torch.no_grad()
     def step(self) -> int:
         """One scheduling step; returns how many images were unfinished before it (0: nothing ran)."""
-        waiting, longest, unfinished = self.images.summary()
+        waiting, unfinished = self.images.summary()
         if not unfinished:
             return 0
         if waiting and (waiting == unfinished or self.policy.run_global(waiting, unfinished)):
-            self._append_patches(self.model, self.global_cache, self.condition, self.states, self.images, waiting,
-                                 longest, self.batch, self.rows)
+            self._append_patches(self.model, self.global_cache, self.condition, self.states, self.images,
+                                 self.max_patch_size, self.rows)
             self.images.close_waiting()
             self.global_steps += 1
         self.previous = self._step(self.model, self.decoder_cache, self.encoder_cache, self.entropy_model,
@@ -149,26 +151,23 @@ def _dpar_step(model, decoder_cache, encoder_cache, entropy_model, entropy_cache
     return torch.where(row_active[:, None], state, previous)
 
 
-def _append_patches(model, global_cache, condition, states, images, count: int, longest: int, batch: int,
-                    rows: int):
-    """Embeds the closed patches [start, position) of the ``count`` waiting images (and their CFG twins), runs one
-    cached global step for those rows and stores their new decoder conditions in ``condition`` (in place). Patches
-    are padded to ``longest`` tokens by repeating their last token; no host read."""
-    image_ids = torch.nonzero_static(images.waiting, size=count).squeeze(1)
-    row_ids = image_ids if rows == batch else torch.cat([image_ids, image_ids + batch])
-    starts = gen._repeat_rows(images.start.index_select(0, image_ids), row_ids.numel())
-    ends = gen._repeat_rows(images.position.index_select(0, image_ids), row_ids.numel())
-    lengths = ends - starts
-    offsets = torch.arange(longest, device=states.device)
-    token = torch.minimum(starts[:, None] + offsets, ends[:, None] - 1)  # [n, longest]
-    vectors = model.embed_padded_patches(states[row_ids[:, None], token], lengths.to(torch.int32))
+def _append_patches(model, global_cache, condition, states, images, max_patch_size: int, rows: int):
+    """One cached global step over every row, appended for the waiting images (and their CFG twins): embeds their
+    closed patches [start, position) and stores their new decoder conditions in ``condition`` (in place). Patches
+    are padded to ``max_patch_size`` tokens by repeating their last token. Static shapes: each row is computed at
+    the same place of the same-sized batch whichever images wait, so every schedule gives it the same rounding; no
+    host read."""
+    waiting = gen._repeat_rows(images.waiting, rows)
+    starts = gen._repeat_rows(images.start, rows)
+    ends = gen._repeat_rows(images.position, rows)
+    lengths = (ends - starts).clamp(min=1)  # rows that do not wait: any valid patch, their output is discarded
+    offsets = torch.arange(max_patch_size, device=states.device)
+    token = torch.minimum(starts[:, None] + offsets, starts[:, None] + lengths[:, None] - 1)  # [rows, max size]
+    row = torch.arange(rows, device=states.device)[:, None]
+    vectors = model.embed_padded_patches(states[row, token.clamp(max=states.shape[1] - 1)], lengths.to(torch.int32))
     grid_width = model.config.grid_width
     positions = torch.stack([starts // grid_width, starts % grid_width, starts % grid_width + lengths - 1], dim=1)
-    every_row = count == batch  # then row_ids is arange(rows): a whole-batch step, nothing to scatter
-    global_cache.begin(None if every_row else row_ids)
+    global_cache.begin(active=waiting)
     out = model.run_global(vectors, positions, cache=global_cache)
     global_cache.commit()
-    if every_row:
-        condition.copy_(model.decoder_condition(out))
-    else:
-        condition[row_ids] = model.decoder_condition(out)
+    condition.copy_(torch.where(waiting[:, None], model.decoder_condition(out), condition))

@@ -70,12 +70,10 @@ class ImageStates:
         self.boundary = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.boundary[:, 0] = True
 
-    def summary(self) -> tuple[int, int, int]:
-        """The scheduling step's one host read: (waiting images, longest patch they close, unfinished images)."""
-        longest = torch.where(self.waiting, self.position - self.start, 0).amax()
-        waiting, longest, unfinished = torch.stack([self.waiting.sum(), longest,
-                                                    (self.position < self.length).sum()]).tolist()
-        return waiting, longest, unfinished
+    def summary(self) -> tuple[int, int]:
+        """The scheduling step's one host read: (waiting images, unfinished images)."""
+        waiting, unfinished = torch.stack([self.waiting.sum(), (self.position < self.length).sum()]).tolist()
+        return waiting, unfinished
 
     def active(self) -> torch.Tensor:
         """bool [batch]: the images whose next local step runs (not waiting, not finished)."""

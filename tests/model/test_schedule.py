@@ -59,6 +59,22 @@ def test_out_of_step_gives_the_lockstep_tokens(schedule, batch, threshold, max_p
         assert sampler.global_steps < lockstep.global_steps, (sampler.global_steps, lockstep.global_steps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_schedules_agree_in_low_precision(dtype):
+    """Every step computes every row at its place in a same-sized batch, so the schedules agree bit for bit in
+    float32 and bfloat16 too (not only in float64, where rounding could hardly flip a token)."""
+    models = tiny_models(dtype, seed=5, grid_width=8, grid_height=4)
+    config, entropy_model = models[0], models[3]
+    threshold = _median_threshold(config, entropy_model)
+    labels = torch.arange(12) % config.num_classes
+    runs = [_run(models, labels, schedule, threshold, 4, cfg_scale=2.0, temperature=1.0)
+            for schedule in ("lockstep", "out_of_step", WaitFraction(1.0))]
+    for tokens, patches, _ in runs[1:]:
+        assert torch.equal(tokens, runs[0][0])
+        assert torch.equal(patches.patch_lengths, runs[0][1].patch_lengths)
+    assert runs[2][2].global_steps < runs[0][2].global_steps
+
+
 def test_generate_schedules_agree_and_match_the_lockstep_default_of_before():
     """DPAR.generate: both schedules give the same tokens; lockstep runs one local step per token."""
     models = tiny_models(seed=3)

@@ -30,7 +30,8 @@ def checkpoints(tmp_path):
 
 
 def _threshold(config, entropy_model):
-    tokens = torch.randint(0, config.vocab_size, (4, config.tokens_per_image), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (4, config.tokens_per_image), generator=generator)
     return float(entropy_model.entropies(tokens).double().median())
 
 
