@@ -3,11 +3,12 @@
     python -m benchmarks.sampling_cost_model [--csv PATH]
 
 1. Measures, at bench_sampling's config (width 256, 1+4+2, batch 16, one thread), the cost of one local step
-   (decoder + sampling + encoder + entropy model over every row), of one global step serving n images
-   (n = 1, 2, 4, 8, 16) and of one LlamaGen step, mid-image (128 tokens cached), interleaved best-of.
+   (decoder + sampling + encoder + entropy model) and of one global step (patch embedding + global stack), both
+   over every row whichever images they serve (dpar_sampler: static shapes), and of one LlamaGen step, mid-image
+   (128 tokens cached), interleaved best-of.
 2. Replays the patches the bench samples (schedule.simulate_schedule) under lockstep and WaitFraction policies:
-   predicted time = local steps x local cost + sum over global steps of the global cost at its size, as a ratio to
-   LlamaGen's T steps. The policy with the best predicted ratio is the one to choose on this machine.
+   predicted time = local steps x local cost + global steps x global cost, as a ratio to LlamaGen's T steps. The
+   policy with the best predicted ratio is the one to choose on this machine.
 3. Projects the same schedules to DPAR-B/L/XL depth splits (1/8/3, 1/19/4, 1/30/5) at batch 16/64/256 with CFG
    (2 rows per image) on a GPU roofline (bf16, H200: 4.8 TB/s, 990 dense TFLOP/s; a step costs the larger of its
    weight + KV-cache bytes over bandwidth and its FLOPs over peak; the entropy model, width 512 x 8 layers, is part
@@ -32,14 +33,13 @@ from dpar.model.schedule import LOCKSTEP, WaitFraction, simulate_schedule
 from dpar_kernels import entropy_patch_lengths
 
 BATCH = 16
-SIZES_MEASURED = (1, 2, 4, 8, 16)
 POLICIES = {"lockstep": LOCKSTEP, **{f"wait {f:g}": WaitFraction(f) for f in (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)}}
 DEPTHS = {"B": (768, 1, 8, 3), "L": (1024, 1, 19, 4), "XL": (1280, 1, 30, 5)}  # width, encoder, global, decoder
 GPU = dict(bandwidth=4.8e12, flops=990e12, bytes_per_value=2)
 
 
 def measured_costs(models) -> dict:
-    """Seconds per step: "local", "base", and ("global", n) for n in SIZES_MEASURED, mid-image."""
+    """Seconds per step: "local", "global" and "base" (LlamaGen), mid-image."""
     dpar_model, baseline, entropy, settings = models
     labels = torch.arange(BATCH) % 10
     threshold, max_patch = settings["paper"]
@@ -66,12 +66,11 @@ def measured_costs(models) -> dict:
                       BATCH, 1.0, sampler.sampling)
         restore()
 
-    def global_step(n):
-        images.waiting.zero_()
-        images.waiting[:n] = True
+    def global_step():
+        images.waiting.fill_(True)
         images.start.copy_(images.position - 2)
-        sampler._append_patches(dpar_model, sampler.global_cache, sampler.condition, sampler.states, images, n, 2,
-                                BATCH, BATCH)
+        sampler._append_patches(dpar_model, sampler.global_cache, sampler.condition, sampler.states, images,
+                                max_patch, BATCH)
         restore()
 
     base_cache = generation._cache(baseline, baseline.config.total_layers, BATCH, baseline.config.tokens_per_image)
@@ -83,19 +82,9 @@ def measured_costs(models) -> dict:
         generation._baseline_step(baseline, base_cache, inputs, noise, BATCH, 1.0, dict(temperature=1.0))
         base_cache.lengths.fill_(baseline.config.tokens_per_image // 2)
 
-    cases = {"local": local, "base": base, **{("global", n): (lambda n=n: global_step(n)) for n in SIZES_MEASURED}}
+    cases = {"local": local, "global": global_step, "base": base}
     with torch.no_grad():
         return interleaved_best(cases, rounds=5, budget=0.2)
-
-
-def global_cost(costs: dict, n: int) -> float:
-    """The measured global-step cost at n images, linear between the measured sizes."""
-    sizes = SIZES_MEASURED
-    low = max(s for s in sizes if s <= n)
-    high = min(s for s in sizes if s >= n)
-    if low == high:
-        return costs["global", low]
-    return costs["global", low] + (costs["global", high] - costs["global", low]) * (n - low) / (high - low)
 
 
 def sampled_patches(models) -> dict:
@@ -114,7 +103,7 @@ def sampled_patches(models) -> dict:
 def predicted_ratio(costs: dict, per_image: list[list[int]], policy) -> tuple[float, int, int]:
     """(predicted images/s ratio to LlamaGen, local steps, global steps) at the measured costs."""
     local_steps, served = simulate_schedule(per_image, policy)
-    seconds = local_steps * costs["local"] + sum(global_cost(costs, n) for n in served)
+    seconds = local_steps * costs["local"] + len(served) * costs["global"]
     return sum(per_image[0]) * costs["base"] / seconds, local_steps, len(served)
 
 
@@ -142,8 +131,8 @@ def projected_ratio(depth: str, per_image: list[list[int]], policy, batch: int) 
     local = (roofline_step(encoder + decoder, width, rows, length // 2, vocab)
              + roofline_step(8, 512, batch, length // 2, vocab))  # the entropy model ("entropy" config)
     local_steps, served = simulate_schedule(per_image, policy)
-    seconds = local_steps * local + sum(roofline_step(global_layers + 1, width, 2 * n, int(patches // 2))
-                                        for n in served)  # + 1: the patch refiner
+    global_step = roofline_step(global_layers + 1, width, rows, int(patches // 2))  # + 1: the patch refiner
+    seconds = local_steps * local + len(served) * global_step
     return base / seconds
 
 
@@ -167,11 +156,9 @@ def main(argv=None) -> None:
     label = machine_label()
     print(label, "| load", open("/proc/loadavg").read().split()[:3])
     costs = measured_costs(models)
-    print(f"measured ms per step: local {1e3 * costs['local']:.2f}, LlamaGen {1e3 * costs['base']:.2f}, global "
-          + ", ".join(f"{n}: {1e3 * costs['global', n]:.2f}" for n in SIZES_MEASURED))
+    print(", ".join(f"{name} {1e3 * s:.2f} ms" for name, s in costs.items()), "per step")
     rows = [dict(kind="measured cost", config="1+4+2 w256", setting="", policy="", batch=BATCH,
-                 figure=f"{name if isinstance(name, str) else f'global {name[1]}'} ms", value=f"{1e3 * s:.3f}")
-            for name, s in costs.items()]
+                 figure=f"{name} step ms", value=f"{1e3 * s:.3f}") for name, s in costs.items()]
     for setting, per_image in sampled_patches(models).items():
         for name, policy in POLICIES.items():
             ratio, local_steps, global_steps = predicted_ratio(costs, per_image, policy)
