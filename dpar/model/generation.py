@@ -3,17 +3,16 @@
 Classifier-free guidance doubles the batch: rows [0, B) carry the labels, rows [B, 2B) the null class; both
 rows of a pair receive the same sampled token and share patch boundaries.
 
-Host reads: the baseline reads no tensor value per token; DPAR reads one small tensor per token (how many images
-start a patch and the longest such patch), so that the global step runs only when some image starts a patch and
-for those images only. Everything else, patch bookkeeping included, stays on the device.
+Host reads: the baseline reads no tensor value per token; DPAR (dpar_sampler.DparSampler) reads one small tensor
+per scheduling step (how many images wait for the global step, how many are unfinished), so that the schedule
+(schedule.py: lockstep or out of step) decides on the host whether the global step runs. Everything else, patch
+bookkeeping included, stays on the device.
 
 The per-token step (the baseline's whole model.run; DPAR's decoder step + sampling + encoder step + entropy step)
-is one function of tensors and caches, with the position taken from the cache lengths on the device (no Python
+is one function of tensors and caches, with the positions taken from the cache lengths on the device (no Python
 int), so ``compile=True`` runs it as one torch.compile graph (fullgraph, static shapes) that never recompiles across
-tokens. Its sampling noise is drawn eagerly from the generator (sampling.sampling_noise), so compiled and eager
-runs give the same tokens. DPAR's global step (a data-dependent number of rows and patch length) compiles with
-dynamic shapes into a few graphs, one per specialization (all images or some, one image, one-token patches).
-Measured speeds of both: benchmarks/RESULTS.md (sampling rows; data in benchmarks/results/).
+tokens; so is DPAR's global step. The sampling noise is drawn eagerly from the generator (sampling.sampling_noise),
+so compiled and eager runs give the same tokens. Measured speeds: benchmarks/results/ (sampling_* files).
 """
 import functools
 
