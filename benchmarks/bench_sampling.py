@@ -163,6 +163,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time compile=True")
     parser.add_argument("--batches", type=int, nargs="*", default=[16])
+    parser.add_argument("--configs", nargs="*", default=["1+4+2", "1+8+2"], choices=["1+4+2", "1+8+2"])
+    parser.add_argument("--settings", nargs="*", default=["patch 2", "paper", "patch 8"],
+                        help="DPAR settings to run (LlamaGen always runs)")
     parser.add_argument("--csv", help="write the rows to this CSV (benchmarks/results/...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -171,10 +174,13 @@ def main(argv=None) -> None:
     print(label)
     modes = {"eager": False, **({"compiled": True} if args.compile else {})}
     configs = {"1+4+2": (models, CASES),
-               "1+8+2": (global_heavy_models(models), ["LlamaGen"] + [f"DPAR paper {s}" for s in SCHEDULES])}
+               "1+8+2": (global_heavy_models(models) if "1+8+2" in args.configs else None,
+                         ["LlamaGen"] + [f"DPAR paper {s}" for s in SCHEDULES])}
     rows = []
     for batch in args.batches:
-        for config, (config_models, cases) in configs.items():
+        for config in args.configs:
+            config_models, cases = configs[config]
+            cases = [c for c in cases if c == "LlamaGen" or _setting_and_schedule(c)[0] in args.settings]
             load = " ".join(open("/proc/loadavg").read().split()[:3])
             best = run_cases(config_models, cases, batch, args.repetitions, modes)
             for mode in modes:
@@ -190,8 +196,9 @@ def main(argv=None) -> None:
                     else:
                         tokens = config_models[1].config.tokens_per_image
                         row.update(global_steps=tokens, local_steps=tokens, global_tokens_per_image=tokens)
-                    rows.append(dict(row, load=load, cpu=label,
-                                     command="python -m benchmarks.bench_sampling " + " ".join(argv or sys.argv[1:])))
+                    command = "python -m benchmarks.bench_sampling " + " ".join(
+                        f'"{a}"' if " " in a else a for a in (argv or sys.argv[1:]))
+                    rows.append(dict(row, load=load, cpu=label, command=command))
                     print(f"  {impl:26s} {row['images_per_s']:7.3f} images/s {row['ratio']:5.2f}x, "
                           f"{row['global_steps']} global / {row['local_steps']} local steps per batch, "
                           f"{row['global_tokens_per_image']} global tokens per image")
