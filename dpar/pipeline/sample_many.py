@@ -2,8 +2,9 @@
 
 DPAR keeps B slots busy (dpar.model.dpar_sampler.DparSampler): when an image finishes, its codes are appended to
 the output and a new image starts in its slot while the others go on. Image i has class labels[i % len(labels)] and
-its own sampling noise (a generator seeded with image_seed(seed, i)), so its codes do not depend on B, on the
-schedule or on which images shared its batch, and a killed run resumes where it stopped. The baseline samples
+its own sampling noise (a generator seeded with image_seed(seed, i)), so its codes do not depend on the schedule or
+on which images shared its batch (nor on B, up to the rounding of differently sized matrix products), and a killed
+run resumes where it stopped. The baseline samples
 fixed batches of B (every image takes the same T steps), seeded by their first image.
 
 Output folder: ``codes.bin``, records of int32 [3 + H*W] (image index, label, patches, codes in raster order),
@@ -92,8 +93,8 @@ def sample_many(model, labels: list[int], *, num_images: int, batch_size: int, o
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not labels:
-        raise ValueError("labels must not be empty")
+    if not labels or min(labels) < 0 or max(labels) >= model.config.num_classes:
+        raise ValueError(f"labels must be a non-empty list of classes in [0, {model.config.num_classes}), got {labels}")
     tokens = model.config.tokens_per_image
     _check_run(out, dict(settings or {}, num_images=num_images, seed=seed, labels=list(labels)))
     done = read_codes(out, tokens)

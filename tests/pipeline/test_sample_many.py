@@ -75,6 +75,8 @@ def test_a_killed_run_resumes_and_keeps_what_it_wrote(tmp_path):
     expected, resumed = (read_codes(str(p), config.tokens_per_image) for p in (full, killed))
     assert sorted(resumed) == list(range(5))
     assert all((resumed[i][2] == expected[i][2]).all() for i in range(5))
+    with pytest.raises(ValueError, match="labels must be"):
+        sample_many(model, [0, config.num_classes], num_images=1, batch_size=1, out=str(tmp_path / "bad"), **knobs)
     with pytest.raises(ValueError, match="other settings"):
         sample_many(model, [0, 1], num_images=5, batch_size=2, out=str(killed), seed=9, **knobs)
 
