@@ -7,8 +7,9 @@
 - ``baseline``: ``LlamaGenBaseline``, the same blocks with one-token patches;
 - building blocks: ``config`` (B / L / XL / tiny presets), ``blocks`` (RMSNorm, SwiGLU, packed attention, RoPE),
   ``conditioning`` (class embedding), ``kv_cache``;
-- sampling: ``generation`` (KV-cache decoding), ``sampling`` (CFG, top-k / top-p), ``full_recompute`` (the slow
-  reference the tests compare against); ``flops`` (analytic training FLOPs).
+- sampling: ``generation`` (KV-cache decoding), ``dpar_sampler`` (DPAR's image slots, each at its own token) and
+  ``schedule`` (when its global step runs: lockstep or out of step), ``sampling`` (CFG, top-k / top-p),
+  ``full_recompute`` (the slow reference the tests compare against); ``flops`` (analytic training FLOPs).
 """
 from . import flops
 from .baseline import LlamaGenBaseline

@@ -74,11 +74,12 @@ class LlamaGenBaseline(nn.Module):
                  threshold: float | torch.Tensor | None = None, max_patch_size: int | None = None,
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, return_patches: bool = False,
-                 compile: bool | str = False) -> torch.Tensor | tuple[torch.Tensor, None]:
+                 compile: bool | str = False, schedule="out_of_step") -> torch.Tensor | tuple[torch.Tensor, None]:
         """Samples token grids int64 [B, H*W] with a KV cache; see dpar.model.generation.generate_baseline.
         compile=True runs the per-token step as one torch.compile graph (same tokens; a str picks the mode).
-        Every model's generate has this signature: ``entropy_model``, ``threshold`` and ``max_patch_size`` are
-        ignored (every token is its own patch), and return_patches=True returns (tokens, None)."""
+        Every model's generate has this signature: ``entropy_model``, ``threshold``, ``max_patch_size`` and
+        ``schedule`` are ignored (every token is its own patch: one step per token), and return_patches=True returns
+        (tokens, None)."""
         from .generation import generate_baseline
         tokens = generate_baseline(self, class_labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                                    top_p=top_p, generator=generator, compile=compile)

@@ -141,10 +141,11 @@ class DPAR(nn.Module):
                  threshold: float | torch.Tensor | None = None, max_patch_size: int | None = None,
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, return_patches: bool = False,
-                 compile: bool | str = False) -> torch.Tensor | tuple[torch.Tensor, PatchBatch]:
+                 compile: bool | str = False, schedule="out_of_step") -> torch.Tensor | tuple[torch.Tensor, PatchBatch]:
         """Samples token grids int64 [B, H*W] with KV caches; see dpar.model.generation.generate_dpar.
         With return_patches=True returns (tokens, PatchBatch of the patches used). compile=True runs the per-token
-        step as one torch.compile graph (same tokens; a str picks the torch.compile mode). Every model's generate
+        step as one torch.compile graph (same tokens; a str picks the torch.compile mode). ``schedule``:
+        "out_of_step" (default) or "lockstep" (dpar.model.schedule; the same tokens). Every model's generate
         has this signature; DPAR needs ``entropy_model``, ``threshold`` and ``max_patch_size`` (ValueError)."""
         if entropy_model is None or threshold is None or max_patch_size is None:
             raise ValueError("DPAR.generate needs entropy_model, threshold and max_patch_size")
@@ -152,5 +153,5 @@ class DPAR(nn.Module):
         tokens, patches = generate_dpar(self, class_labels, entropy_model=entropy_model, threshold=threshold,
                                         max_patch_size=max_patch_size, cfg_scale=cfg_scale,
                                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                                        compile=compile)
+                                        schedule=schedule, compile=compile)
         return (tokens, patches) if return_patches else tokens

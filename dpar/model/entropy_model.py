@@ -70,11 +70,12 @@ class EntropyModel(nn.Module):
         return KVCache(c.layers, batch, c.tokens_per_image, c.num_kv_heads, c.head_dim, dtype, device)
 
     @torch.no_grad()
-    def step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """Appends one token per image (int64 [B]) -> float32 [B]: entropy of the prediction of the next."""
+    def step(self, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Appends one token per image (int64 [B]; only where ``active``, bool [B], is True when given: each image
+        at its own position) -> float32 [B]: entropy of the prediction of the next."""
         x = self.embed(tokens)
         index = cache.lengths.long()
-        cache.begin()
+        cache.begin(active=active)
         x = self.layers(x, self.rope(grid_positions(index, self.config.grid_width), x.dtype), cache=cache)
         cache.commit()
         return dk.linear_entropy(self.norm(x), self.head.weight)

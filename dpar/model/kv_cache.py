@@ -1,9 +1,10 @@
 """Per-layer KV cache for batched incremental decoding with dk.kvcache_attention (no host reads).
 
-Each step appends one token to every row, or to a chosen subset of rows (the global step of the images that start
-a patch). A subset step runs the attention over every row with the new keys scattered into place: the rows that
-do not append write a key at their current length, which stays invisible (their length does not move) and is
-overwritten by their next real append. Appends past the capacity are dropped by the kernel, never written.
+Each step appends one token to every row, to a chosen subset of rows (the global step of the images that start
+a patch), or to the rows of a mask (an out-of-step local step: every row computes, the active ones append). A
+subset or masked step runs the attention over every row with the new keys in place: the rows that do not append
+write a key at their current length, which stays invisible (their length does not move) and is overwritten by
+their next real append. Appends past the capacity are dropped by the kernel, never written.
 """
 import torch
 
@@ -20,13 +21,16 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.capacity = batch, capacity
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
-        self._rows = None
+        self._rows = self._active = None
         self._step_open = False
 
-    def begin(self, rows: torch.Tensor | None = None) -> None:
+    def begin(self, rows: torch.Tensor | None = None, active: torch.Tensor | None = None) -> None:
         """Prepares a step appending one token to each of ``rows`` (int64 [n] row indices, distinct, in the
-        order of the step's queries), or to every row when None."""
-        self._rows, self._step_open = rows, True
+        order of the step's queries), or, with every row querying, to the rows where ``active`` (bool [batch]) is
+        True, or to every row when both are None."""
+        if rows is not None and active is not None:
+            raise ValueError("KVCache.begin takes rows or active, not both")
+        self._rows, self._active, self._step_open = rows, active, True
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [n, Hq, d], k/v [n, Hk, d]: the new tokens of this step -> attention output [n, Hq, d]."""
@@ -44,8 +48,11 @@ class KVCache:
         """Ends the step begun by begin(): the appended tokens become part of the cache."""
         if not self._step_open:
             raise RuntimeError("KVCache.commit() without begin()")
-        if self._rows is None:
-            self.lengths += 1
-        else:
+        if self._rows is not None:
             self.lengths.index_add_(0, self._rows, torch.ones_like(self._rows, dtype=torch.int32))
-        self._rows, self._step_open = None, False
+        elif self._active is not None:
+            self.lengths += self._active.int()
+        else:
+            self.lengths += 1
+        self._rows = self._active = None
+        self._step_open = False

@@ -1,4 +1,6 @@
-"""`dpar sample`: class-conditional image grids (PNG) from a trained DPAR or baseline, plus entropy / patch maps.
+"""`dpar sample`: class-conditional image grids (PNG) from a trained DPAR or baseline, plus entropy / patch maps;
+with --num-images N, N images by continuous batching into a folder of codes (dpar.pipeline.sample_many: B =
+--batch-size slots kept busy, a progress bar, written as they finish, a killed run resumes).
 
 Sampling knobs: --cfg-scale, --temperature, --top-k, --top-p; DPAR may raise --threshold / --max-patch-size above
 their training values (bigger patches, fewer global steps). Tokens decode to pixels with the palette tokenizer
@@ -9,6 +11,7 @@ a coloured box).
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -22,14 +25,16 @@ def _pyplot():
 
 @torch.no_grad()
 def sample_tokens(model, labels: torch.Tensor, *, entropy_model=None, threshold=None, max_patch_size=4,
-                  cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, seed=0, compile=False):
+                  cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, seed=0, compile=False,
+                  schedule="out_of_step"):
     """(tokens int64 [B, T], patch_lengths int32 [P] or None, cu_patches int32 [B+1] or None) from any model's
-    generate (DPAR needs ``entropy_model`` and ``threshold``). ``compile``: see model.generate (the same tokens)."""
+    generate (DPAR needs ``entropy_model`` and ``threshold``). ``compile``, ``schedule``: see model.generate (the
+    same tokens)."""
     generator = torch.Generator(labels.device).manual_seed(seed)
     tokens, patches = model.generate(labels, entropy_model=entropy_model, threshold=threshold,
                                      max_patch_size=max_patch_size, cfg_scale=cfg_scale, temperature=temperature,
                                      top_k=top_k, top_p=top_p, generator=generator, return_patches=True,
-                                     compile=compile)
+                                     compile=compile, schedule=schedule)
     return (tokens, None, None) if patches is None else (tokens, patches.patch_lengths, patches.cu_patches)
 
 
@@ -110,7 +115,7 @@ def save_patch_map(images: torch.Tensor, entropies: torch.Tensor, patch_lengths:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="DPAR or baseline checkpoint")
     parser.add_argument("--kind", choices=("dpar", "baseline"), default="dpar")
-    decoder = parser.add_mutually_exclusive_group(required=True)
+    decoder = parser.add_mutually_exclusive_group()
     decoder.add_argument("--tokenizer", help="palette tokenizer .safetensors (decodes to pixels)")
     decoder.add_argument("--vq-ckpt", help="LlamaGen VQ checkpoint (vq_ds16_c2i.pt): decodes the real image path")
     parser.add_argument("--entropy-ckpt", help="entropy model checkpoint (dpar; and for --patch-map)")
@@ -126,9 +131,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the per-token step (the same tokens; pays inductor's compile time per "
                         "graph first, so it wins for long runs: benchmarks/RESULTS.md)")
+    parser.add_argument("--schedule", choices=("out_of_step", "lockstep"), default="out_of_step",
+                        help="DPAR: when the global step runs (dpar.model.schedule; the same tokens)")
+    parser.add_argument("--num-images", type=int, help="sample this many images by continuous batching into the "
+                        "folder --out (codes.bin + run.json; resumes a killed run); classes cycle over --classes")
+    parser.add_argument("--batch-size", type=int, default=16, help="with --num-images: images sampled at once")
     parser.add_argument("--image-size", type=int, help="size of each decoded image (default: 64 for the palette "
                         "tokenizer, the VQ's own 16 x grid)")
-    parser.add_argument("--out", required=True, help="output PNG of the sample grid")
+    parser.add_argument("--out", required=True, help="output PNG of the sample grid (with --num-images: a folder)")
     parser.add_argument("--patch-map", help="also write an entropy / patch map PNG of the first row")
     parser.add_argument("--save-tensor", help="also save the images float [N, 3, S, S] (for `dpar evaluate` FID)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +149,10 @@ def main(args: argparse.Namespace) -> None:
 
     from .builders import load_model
 
+    if args.num_images is not None:
+        return main_many(args)
+    if not (args.tokenizer or args.vq_ckpt):
+        raise ValueError("sample: --tokenizer or --vq-ckpt is needed to decode the PNG grid")
     model, info = load_model(args.ckpt, args.kind, args.device)
     decode = image_decoder(args.tokenizer, args.vq_ckpt, info["config"]["vocab_size"], args.image_size, args.device)
     entropy_model = load_model(args.entropy_ckpt, "entropy", args.device)[0] if args.entropy_ckpt else None
@@ -147,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
     tokens, _, _ = sample_tokens(model, labels, entropy_model=entropy_model,
                                  threshold=args.threshold, max_patch_size=args.max_patch_size,
                                  cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, compile=args.compile)
+                                 top_p=args.top_p, seed=args.seed, compile=args.compile, schedule=args.schedule)
     grid = (info["config"]["grid_height"], info["config"]["grid_width"])
     images = decode(tokens.reshape(-1, *grid))
     save_image_grid(images, args.out, args.per_class, [f"class {c}" for c in classes])
@@ -163,3 +177,30 @@ def main(args: argparse.Namespace) -> None:
                                                row_width=grid[1])
         save_patch_map(images[:args.per_class], entropies, lengths, cu, grid[1], args.patch_map)
     print(f"{len(labels)} samples -> {args.out}")
+
+
+def main_many(args: argparse.Namespace) -> None:
+    """--num-images: continuous batching into the folder --out, then a one-line summary."""
+    from .builders import load_model
+    from .sample_many import sample_many
+
+    model, info = load_model(args.ckpt, args.kind, args.device)
+    entropy_model = None
+    if args.kind == "dpar":
+        if not args.entropy_ckpt or args.threshold is None:
+            raise ValueError("sample --num-images with a DPAR model needs --entropy-ckpt and --threshold")
+        entropy_model = load_model(args.entropy_ckpt, "entropy", args.device)[0]
+    classes = args.classes if args.classes else list(range(info["config"]["num_classes"]))
+    settings = dict(ckpt=os.path.abspath(args.ckpt), kind=args.kind, threshold=args.threshold,
+                    max_patch_size=args.max_patch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p)
+    summary = sample_many(model, classes, num_images=args.num_images, batch_size=args.batch_size, out=args.out,
+                          seed=args.seed, entropy_model=entropy_model, threshold=args.threshold,
+                          max_patch_size=args.max_patch_size, cfg_scale=args.cfg_scale,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          schedule=args.schedule, compile=args.compile, settings=settings)
+    steps = "" if "global_steps_per_image" not in summary else (
+        f", {summary['global_steps_per_image']:.1f} global steps and {summary['local_steps_per_image']:.1f} local "
+        f"steps per image ({args.schedule}, batch {args.batch_size})")
+    print(f"{summary['images']} images in {summary['seconds']:.1f} s: {summary['images_per_s']:.2f} images/s, "
+          f"{summary['global_tokens_per_image']:.1f} global tokens per image{steps} -> {args.out}")

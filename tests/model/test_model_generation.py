@@ -9,7 +9,7 @@ from torch.overrides import _pop_mode_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 
 import dpar
-from dpar.model import full_recompute, generation
+from dpar.model import dpar_sampler, full_recompute, generation
 from dpar_kernels.testing import HostReadCounter
 
 
@@ -87,13 +87,14 @@ def test_generation_rejects_bad_arguments():
         baseline.generate([1], temperature=-1.0)
 
 
-def _generate(kind, models, labels, threshold, compile=False):
+def _generate(kind, models, labels, threshold, compile=False, schedule="out_of_step"):
     config, model, baseline, entropy_model = models
     sampling = dict(cfg_scale=3.0, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3),
                     compile=compile)
     if kind == "baseline":
         return baseline.generate(labels, **sampling)
-    return model.generate(labels, entropy_model=entropy_model, threshold=threshold, max_patch_size=3, **sampling)
+    return model.generate(labels, entropy_model=entropy_model, threshold=threshold, max_patch_size=3,
+                          schedule=schedule, **sampling)
 
 
 def _compiled_outside_the_modes(step, mode, dynamic):
@@ -109,25 +110,33 @@ def _compiled_outside_the_modes(step, mode, dynamic):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("kind", ["baseline", "dpar"])
-def test_generation_reads_at_most_two_tensor_values_per_token(kind, compile, monkeypatch):
-    """Host reads (device syncs on a GPU) per generated token, with mixed patch boundaries and CFG, eager and with
-    compile=True. The reads that do not depend on the length (argument checks, the final PatchBatch) are measured
-    on a 1-row grid and subtracted."""
+@pytest.mark.parametrize("kind,schedule", [("baseline", None), ("dpar", "lockstep"), ("dpar", "out_of_step")])
+def test_generation_reads_at_most_one_tensor_value_per_step(kind, schedule, compile, monkeypatch):
+    """Host reads (device syncs on a GPU) per step (the baseline's token, DPAR's scheduling step), with mixed
+    patch boundaries and CFG, eager and with compile=True. The reads that do not depend on the length (argument
+    checks, the final PatchBatch) are measured on a 1-row grid and subtracted."""
     if compile:
         monkeypatch.setattr(generation, "_compiled", functools.cache(_compiled_outside_the_modes))
         torch._dynamo.reset()
+    steps = []
+    counted_step = dpar_sampler.DparSampler.step
+    monkeypatch.setattr(dpar_sampler.DparSampler, "step", lambda self: steps.append(1) or counted_step(self))
     models = tiny_models(global_layers=1)
     config = models[0]
     labels = torch.tensor([0, 3, 7])
     threshold = _threshold_with_mixed_boundaries(config, models[3])
     with HostReadCounter() as reads:
-        _generate(kind, models, labels, threshold, compile)
+        _generate(kind, models, labels, threshold, compile, schedule)
+    long_steps, steps[:] = len(steps), []
     short = tiny_models(grid_height=1, global_layers=1)
     with HostReadCounter() as fixed:
-        _generate(kind, short, labels, threshold, compile)
-    per_token = (reads.count - fixed.count) / (config.tokens_per_image - short[0].tokens_per_image)
-    assert per_token <= (0 if kind == "baseline" else 1), (reads.calls, fixed.calls)
+        _generate(kind, short, labels, threshold, compile, schedule)
+    if kind == "baseline":
+        per_step = (reads.count - fixed.count) / (config.tokens_per_image - short[0].tokens_per_image)
+    else:
+        assert long_steps > config.tokens_per_image
+        per_step = (reads.count - fixed.count) / (long_steps - len(steps))
+    assert per_step <= (0 if kind == "baseline" else 1), (reads.calls, fixed.calls)
     assert fixed.count <= 40, fixed.calls
 
 
