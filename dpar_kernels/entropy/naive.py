@@ -4,7 +4,7 @@ import torch
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows handled per step so probabilities never exceed ~64 MB
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -17,7 +17,7 @@ def _entropy_of_logits(z: torch.Tensor) -> torch.Tensor:
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """logits [N, V] any float dtype -> entropy [N] (float64 for float64 input, else float32)."""
-    z_dtype = _compute_dtype(logits.dtype)
+    z_dtype = compute_dtype(logits.dtype)
     rows = max(1, ROW_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     out = torch.empty(logits.shape[0], dtype=z_dtype, device=logits.device)
     for start in range(0, logits.shape[0], rows):
@@ -32,7 +32,7 @@ def linear_entropy_reference(hidden, weight, bias=None, temperature: float = 1.0
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return _entropy_of_logits(logits.to(_compute_dtype(logits.dtype)) / temperature)
+    return _entropy_of_logits(logits.to(compute_dtype(logits.dtype)) / temperature)
 
 
 class OnlineEntropy:
@@ -64,7 +64,7 @@ class OnlineEntropy:
 def linear_entropy(hidden, weight, bias=None, temperature: float = 1.0,
                    row_chunk: int = 1024, vocab_chunk: int = 4096) -> torch.Tensor:
     """Chunked over N and V: never holds more than [row_chunk, vocab_chunk] logits. Returns float32 [N]."""
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = compute_dtype(hidden.dtype)
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, dtype=dtype, device=hidden.device)
     for r0 in range(0, n, row_chunk):

@@ -6,11 +6,9 @@ of maximal logits) because the logits are shifted by their row max before scalin
 """
 import torch
 
+from .naive import compute_dtype
+
 BLOCK_ELEMENTS = 1 << 24  # logits per row block (64 MB in float32)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _entropy_rows(z: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
@@ -27,7 +25,7 @@ def _row_blocks(rows: int, vocab: int):
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """logits [N, V] -> entropy [N] (float64 for float64 logits, else float32)."""
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     rows, vocab = logits.shape
     if rows * vocab <= BLOCK_ELEMENTS:
         return _entropy_rows(logits, temperature, dtype)
@@ -40,7 +38,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    temperature: float = 1.0) -> torch.Tensor:
     """hidden [N, D], weight [V, D], bias [V] or None -> entropy of softmax(hidden @ weight.T + bias) [N]."""
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = compute_dtype(hidden.dtype)
     rows, vocab = hidden.shape[0], weight.shape[0]
     out = torch.empty(rows, dtype=dtype, device=hidden.device)
     for start, end in _row_blocks(rows, vocab):
