@@ -63,25 +63,26 @@ class AxialRope(nn.Module):
         self.register_buffer("freq_bits", freqs.view(torch.int64), persistent=False)
         self.register_buffer("axis_of_pair", axis_of_pair, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N, axes] integer -> (cos, sin) [N, head_dim/2] in ``dtype`` (angles in float64, so
-        casting the model to half precision never rounds the frequencies)."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """positions [N, axes] integer -> rotations [N, head_dim/2], complex (complex128 for float64 ``dtype``,
+        else complex64: apply_rope rotates in at least fp32). Angles in float64, so casting the model to half
+        precision never rounds the frequencies."""
         if positions.dim() != 2 or positions.shape[1] != self.axes:
             raise ValueError(f"positions must be [N, {self.axes}], got {tuple(positions.shape)}")
         angles = positions.to(torch.float64)[:, self.axis_of_pair] * self.freq_bits.view(torch.float64)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        real = torch.promote_types(dtype, torch.float32)
+        return torch.complex(angles.cos().to(real), angles.sin().to(real))
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [N, H, d], rope (cos, sin) [N, d/2]: rotates each adjacent pair (x[2i], x[2i+1]).
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x [N, H, d], rope [N, d/2] complex rotations (AxialRope): rotates each adjacent pair (x[2i], x[2i+1]) as
+    one complex multiplication, (x[2i] cos - x[2i+1] sin, x[2i] sin + x[2i+1] cos), one op forward and backward.
 
     The rotation runs in at least fp32 and the result has x's dtype, so under autocast q and k stay in the
     dtype of v (bf16/fp16 q, k with fp32 tables would otherwise be promoted to fp32)."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = (t[:, None, :].to(compute) for t in rope)
-    pairs = x.to(compute).unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.to(compute).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope[:, None, :]).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -94,11 +95,12 @@ class Attention(nn.Module):
         self.out = dk.Linear(num_heads * self.head_dim, width, bias=False)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
-        """x [N, D]; rope (cos, sin) [N, d/2]; either cu_seqlens int32 [B+1] + max_seqlen (training) or
+        """x [N, D]; rope [N, d/2] complex (AxialRope); either cu_seqlens int32 [B+1] + max_seqlen (training) or
         cache = (KVCache, layer) after KVCache.begin (incremental). Returns [N, D]."""
-        q, k, v = self.qkv(x).unflatten(-1, (-1, self.head_dim)).split(
-            [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = self.qkv(x).unflatten(-1, (-1, self.head_dim))
+        rotated = self.num_heads + self.num_kv_heads
+        q, k = apply_rope(qkv[:, :rotated], rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, rotated:]
         if cache is None:
             out = dk.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       causal=True)

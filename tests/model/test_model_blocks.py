@@ -24,6 +24,21 @@ def test_axial_rope_depends_only_on_position_differences():
     assert torch.equal(apply_rope(q, rope(torch.zeros(1, 3, dtype=torch.long), torch.float64)), q)
 
 
+def test_apply_rope_rotates_each_adjacent_pair():
+    """The complex multiplication equals the pair rotation written out, in float64, on strided q/k views."""
+    torch.manual_seed(0)
+    qkv = torch.randn(6, 5, 8, dtype=torch.float64)
+    x = qkv[:, :3]  # a q/k slice of a fused projection: not contiguous
+    positions = torch.randint(0, 9, (6, 2))
+    rope = AxialRope(head_dim=8, axes=2)(positions, torch.float64)
+    cos, sin = rope.real[:, None], rope.imag[:, None]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    assert_close(apply_rope(x, rope), expected, torch.float64)
+    assert rope.dtype == torch.complex128
+    assert AxialRope(head_dim=8, axes=2)(positions, torch.bfloat16).dtype == torch.complex64
+
+
 def _attend_step(cache, rows, q, k, v):
     cache.begin(rows)
     out = cache.attend(0, torch.stack(q), torch.stack(k), torch.stack(v))

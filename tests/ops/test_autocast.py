@@ -42,12 +42,13 @@ def test_rope_rotates_in_fp32_and_keeps_the_input_dtype():
     torch.manual_seed(0)
     x = torch.randn(5, 2, 8, dtype=torch.float64)
     angles = torch.randn(5, 4, dtype=torch.float64)
-    exact = apply_rope(x, (angles.cos(), angles.sin()))
-    half = apply_rope(x.bfloat16(), (angles.cos().float(), angles.sin().float()))
+    exact = apply_rope(x, torch.polar(torch.ones_like(angles), angles))
+    rotations = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    half = apply_rope(x.bfloat16(), rotations)
     assert half.dtype == torch.bfloat16
     # one bf16 rounding of the input and one of the output, no more
     assert (half.double() - exact).abs().max() <= 2 * 2 ** -8 * x.abs().max() * 2
-    assert apply_rope(x, (angles.cos().float(), angles.sin().float())).dtype == torch.float64
+    assert apply_rope(x, rotations).dtype == torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
