@@ -72,7 +72,7 @@ class TokenSet:
     @classmethod
     def load(cls, root: str) -> TokenSet:
         dataset = data.TokenGridDataset(root)
-        tokens, labels = objectives.load_batch(dataset, torch.arange(len(dataset)))
+        tokens, labels = dataset.batch(torch.arange(len(dataset)))
         return cls(tokens, labels, dataset.grid_width)
 
     def __len__(self) -> int:

@@ -90,6 +90,7 @@ class Progress:
 def nll_function(val, val_table, batch_size: int):
     """model -> held-out NLL (nats / token) of ``val`` (patches of ``val_table`` for DPAR, None for the baseline)."""
     source = None if val_table is None else objectives.PatchSource(table=val_table)
+    val.preload()  # evaluated many times: read once
 
     def nll(model) -> float:
         return objectives.heldout_loss(objectives.LossModule(model, val.grid_width), val, source, batch_size)

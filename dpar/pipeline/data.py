@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 META_FILE = "meta.json"
+PRELOAD_BYTES = 256 * 2 ** 20  # TokenGridDataset.preload: datasets whose int64 tokens fit are read into memory once
 META_FIELDS = ("grid_height", "grid_width", "vocab_size", "num_classes")
 # Every photograph (colour or grey) that scikit-image ships inside its wheel; synthetic images (binary_blobs,
 # checkerboard, colorwheel, horse, logo, shepp_logan_phantom), duplicates ("cat" is "chelsea") and the image sets
@@ -96,6 +97,7 @@ class TokenGridDataset(Dataset):
         if missing:
             raise ValueError(f"data root {root!r}: no labels/{missing[0]}.npy for codes/{missing[0]}.npy")
         self.root = root
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, labels) once preloaded
         self.stems = sorted(codes, key=_sort_key)
         self._codes_paths = [codes[s] for s in self.stems]
         self._label_paths = [labels[s] for s in self.stems]
@@ -173,6 +175,24 @@ class TokenGridDataset(Dataset):
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
             raise ValueError(f"codes file {self._codes_paths[image]} has codes outside [0, {self.vocab_size})")
         return codes, torch.tensor(self._label(image), dtype=torch.int64)
+
+
+    def preload(self, max_bytes: int = PRELOAD_BYTES) -> bool:
+        """Reads every item once into memory (each checked as ``__getitem__`` checks it) when their int64 tokens fit
+        in ``max_bytes``, so that ``batch`` slices memory instead of reading two files per item; returns whether
+        the items are in memory. Larger datasets stay on disk (read per batch)."""
+        if self._memory is None and len(self) * self.tokens_per_image * 8 <= max_bytes:
+            items = [self[i] for i in range(len(self))]
+            self._memory = torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
+        return self._memory is not None
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` int [B] -> (tokens int64 [B, T], labels int64 [B])."""
+        if self._memory is not None:
+            tokens, labels = self._memory
+            return tokens[indices], labels[indices]
+        items = [self[int(i)] for i in indices]
+        return torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
 
 
 def write_token_dataset(root: str, codes: torch.Tensor, labels: torch.Tensor, vocab_size: int,

@@ -271,7 +271,7 @@ def _samples_and_patch_map(out, settings, entropy_model, threshold, entropies, v
         images = tokenizer.decode(tokens.reshape(-1, val.grid_height, val.grid_width), 64)
         sample.save_image_grid(images, os.path.join(out, f"samples_{kind}.png"), settings["samples_per_class"],
                                [f"class {c}" for c in range(val.num_classes)])
-    val_tokens, _ = objectives.load_batch(val, torch.arange(min(4, len(val))))
+    val_tokens, _ = val.batch(torch.arange(min(4, len(val))))
     sample.save_patch_map(tokenizer.decode(val_tokens.reshape(-1, val.grid_height, val.grid_width), 64),
                           entropies["val"][:len(val_tokens)], *val_table.batch(torch.arange(len(val_tokens))),
                           val.grid_width, os.path.join(out, "patch_map.png"))

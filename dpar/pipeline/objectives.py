@@ -47,12 +47,6 @@ class PatchSource:
                                         row_width=self.grid_width)
 
 
-def load_batch(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens int64 [B, T], labels int64 [B]) of dataset items ``indices``."""
-    items = [dataset[int(i)] for i in indices]
-    return torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
-
-
 @torch.no_grad()
 def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, device="cpu") -> float:
     """Mean NLL per token (nats) of ``dataset`` under a LossModule, weighted by batch size.
@@ -64,7 +58,7 @@ def heldout_loss(loss_module, dataset, patch_source=None, batch_size: int = 64, 
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(dataset)))
-        tokens, labels = load_batch(dataset, indices)
+        tokens, labels = dataset.batch(indices)
         tokens, labels = tokens.to(device), labels.to(device)
         patches = loss_module.patch_batch(None if patch_source is None else patch_source(indices, tokens), device)
         total += float(loss_module(tokens, labels, patches)) * len(indices)

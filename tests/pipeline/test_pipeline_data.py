@@ -54,6 +54,25 @@ def test_loader_ten_crop_axis_and_rectangular_grid_from_meta(tmp_path):
     assert int(dataset[13][1]) == 1
 
 
+def test_batch_reads_items_from_disk_or_memory_alike(tmp_path):
+    """batch() equals the items stacked, before and after preload; preload respects its size limit and checks
+    every item (a bad code fails it, as reading the item would)."""
+    codes, labels = torch.randint(0, 300, (12, 2, 5)), torch.randint(0, 3, (12,))
+    write_token_dataset(str(tmp_path), codes, labels, vocab_size=300, num_classes=3)
+    dataset = TokenGridDataset(str(tmp_path))
+    indices = torch.tensor([11, 0, 5, 5])
+    from_disk = dataset.batch(indices)
+    assert torch.equal(from_disk[0], codes.reshape(12, 10)[indices]) and torch.equal(from_disk[1], labels[indices])
+    assert not dataset.preload(max_bytes=12 * 10 * 8 - 1)  # too large for the limit: stays on disk
+    assert dataset.preload(max_bytes=12 * 10 * 8)
+    np.save(tmp_path / "codes" / "0.npy", np.zeros((1, 10), dtype=np.int16))  # memory is not re-read
+    for got, expected in zip(dataset.batch(indices), from_disk):
+        assert torch.equal(got, expected)
+    np.save(tmp_path / "codes" / "3.npy", np.full((1, 10), 300, dtype=np.int16))
+    with pytest.raises(ValueError, match="outside"):
+        TokenGridDataset(str(tmp_path)).preload()
+
+
 def test_loader_sorts_numerically_and_round_trips_writer(tmp_path):
     codes = torch.randint(0, 300, (12, 2, 5))
     labels = torch.randint(0, 3, (12,))
