@@ -7,8 +7,10 @@ A call ``op(*args, backend=None)``:
 2. runs ``validate(*args, backend=...)``, the op's one argument contract, which raises TypeError/ValueError naming
    the argument and returns a ``Prepared`` (kernel arguments in schema order, device, backends that take them);
 3. resolves the backend (``_dispatch.resolve_backend``, cached);
-4. runs it: eagerly, with no gradient and no dispatch mode, the backend function directly (the *fast path*: the
-   dispatcher round trip costs more than a decode-sized kernel); otherwise through the custom op
+4. runs it: eagerly, with no dispatch mode, the backend function directly (the *fast path*: the dispatcher round
+   trip costs more than a decode-sized kernel), wrapped in a plain autograd.Function with the op's backward when
+   a gradient is needed (the custom op's autograd adds Python work in both directions); otherwise through the
+   custom op
    ``dpar::<name>`` (with ``backend`` as its last argument), or, for ops with ``extension_traced=True``, the C++ op
    ``dpar_C::<name>`` itself on the cpu/cuda backends (a Python custom op would add Python work per call inside
    compiled decode graphs).
@@ -85,21 +87,43 @@ def reject_grad(op: str, **tensors) -> None:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types the fast path takes
 
 
-def direct_call_ok(backend: str, args: tuple) -> bool:
-    """True when the backend function may run directly instead of through the custom op: eager mode, no torch
-    dispatch mode active (FakeTensor, FlopCounterMode, ...), tensor arguments that are plain tensors or
-    nn.Parameters (other subclasses have their own dispatch), no gradient needed, and for the torch reference no
-    autocast (its own matmuls would run at the autocast dtype; a custom op runs below autocast). Under
-    torch.compile the custom op is always used, so graphs stay whole."""
+def eager_route(backend: str, args: tuple) -> str | None:
+    """How an eager call may skip the registered op: "direct" (the backend function itself: no gradient needed),
+    "autograd" (a gradient is needed: the backend and the op's backward through a plain autograd.Function,
+    _EagerAutograd) or None (the registered op). Eager means: not compiling, no torch dispatch mode active
+    (FakeTensor, FlopCounterMode, ...), tensor arguments that are plain tensors or nn.Parameters (other subclasses
+    have their own dispatch) and, for the torch reference, no autocast (its own matmuls would run at the autocast
+    dtype; a custom op runs below autocast). Under torch.compile the registered op is always used, so graphs stay
+    whole."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
+        return None
     if backend == "torch" and torch._C._is_any_autocast_enabled():
-        return False
-    grad = torch.is_grad_enabled()
+        return None
+    grad, route = torch.is_grad_enabled(), "direct"
     for a in args:  # a plain loop: this runs on every eager call
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
-            return False
-    return True
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return None
+            if grad and a.requires_grad:
+                route = "autograd"
+    return route
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The eager path of a differentiable op that needs a gradient: the backend function forward and the op's
+    Backward (the same setup and backward the custom op registers) called directly, without the custom op's
+    dispatcher round trips in each direction."""
+
+    @staticmethod
+    def forward(ctx, op, backend, *args):
+        output = op.backends[backend](*args)
+        op.backward.setup(ctx, (*args, backend), output)
+        ctx.rule = op.backward
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return None, None, *ctx.rule.backward(ctx, *grads)[:-1]  # no gradient for the op, backend (last input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +145,7 @@ class Op:
         self.name, self.schema, self.backends, self.validate = name, schema, dict(backends), validate
         self.reference = reference if reference is not None else backends["torch"]
         self.autocast, self.extension_traced, self.native = autocast, extension_traced, native
-        self.strict_default, self.differentiable = strict_default, backward is not None
+        self.strict_default, self.backward, self.differentiable = strict_default, backward, backward is not None
         if extension_traced and backward is not None:
             raise ValueError(f"{name}: an op traced as the C++ op has no Python autograd (forward only)")
         self.extension = None
@@ -155,8 +179,13 @@ class Op:
 
     def run(self, backend: str, args: tuple):
         """Runs validated kernel ``args`` on ``backend``: the fast path when allowed, else the registered op."""
-        if backend in self.native or direct_call_ok(backend, args):
+        if backend in self.native:
             return self.backends[backend](*args)
+        route = eager_route(backend, args)
+        if route == "direct":
+            return self.backends[backend](*args)
+        if route == "autograd" and self.backward is not None:
+            return _EagerAutograd.apply(self, backend, *args)
         if self.extension is not None and backend in EXTENSION_BACKENDS:
             return self.extension(*args)
         return self.custom_op(*args, backend)

@@ -81,13 +81,13 @@ def test_compiled_graphs_call_the_kvcache_extension_op():
 def test_direct_calls_take_parameters_but_not_other_subclasses():
     """A model's weights are nn.Parameters (linear_entropy's head weight, dk.Linear): they may take the direct path;
     other tensor subclasses have their own dispatch and must go through the registered op."""
-    from dpar_kernels._ops import direct_call_ok
+    from dpar_kernels._ops import eager_route
 
     class Marked(torch.Tensor):
         pass
 
     weight = torch.nn.Parameter(torch.randn(4, 8))
     with torch.no_grad():
-        assert direct_call_ok("cpu", (torch.randn(3), weight, None))
-        assert not direct_call_ok("cpu", (torch.randn(3).as_subclass(Marked),))
-    assert not direct_call_ok("cpu", (weight,))  # gradient needed
+        assert eager_route("cpu", (torch.randn(3), weight, None)) == "direct"
+        assert eager_route("cpu", (torch.randn(3).as_subclass(Marked),)) is None
+    assert eager_route("cpu", (weight,)) == "autograd"  # gradient needed: the eager autograd path

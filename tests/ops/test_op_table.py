@@ -150,6 +150,39 @@ def test_fast_path_fires_and_equals_the_registered_op(op_name, backend, monkeypa
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+GRAD_RUNS = [(name, b) for name, b in ALL_RUNS if OPS[name].differentiable and b not in OPS[name].native]
+
+
+@pytest.mark.parametrize("op_name,backend", GRAD_RUNS)
+def test_eager_autograd_path_fires_and_equals_the_registered_op(op_name, backend, monkeypatch):
+    """A gradient needed, eager: the backend runs directly inside the eager autograd.Function, and the output and
+    the gradients are exactly the custom op's (its registered autograd)."""
+    op, case = OPS[op_name], CASES[op_name]
+    base = case.make(_dtype(backend, op_name))
+    calls = []
+    kernel = op.backends[backend]
+
+    def counted(*a):
+        calls.append(backend)
+        return kernel(*a)
+
+    def output_and_grads(run):
+        args = _clone(base, grads=case.grads)
+        out = run(args)
+        weight = torch.randn(_first(out).shape, generator=torch.Generator().manual_seed(0)).to(_first(out).dtype)
+        (_first(out) * weight).sum().backward()
+        return _first(out), [args[i].grad for i in case.grads]
+
+    monkeypatch.setitem(op.backends, backend, counted)
+    eager = output_and_grads(lambda args: op(*args, backend=backend))
+    assert calls == [backend], "the eager autograd path did not run the backend directly"
+    monkeypatch.setitem(op.backends, backend, kernel)
+    registered = output_and_grads(lambda args: op.custom_op(*op.validate(*args, backend=backend).args, backend))
+    torch.testing.assert_close(eager[0], registered[0], rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(eager[1], registered[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("op_name,backend", ALL_RUNS)
 def test_compiles_fullgraph(op_name, backend):
     op, case = OPS[op_name], CASES[op_name]
