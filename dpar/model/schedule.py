@@ -8,7 +8,7 @@ extra local steps (the waiting rows idle through them) for fewer global ones. Ea
 every policy: only the order of work changes (the sampling noise is keyed by image and position).
 
 ``ImageStates`` keeps the bookkeeping on the device; a scheduling step reads one small tensor to the host
-(``summary``).
+(``flags``).
 """
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ class ImageStates:
         self.boundary = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.boundary[:, 0] = True
 
-    def summary(self) -> tuple[int, int]:
-        """The scheduling step's one host read: (waiting images, unfinished images)."""
-        waiting, unfinished = torch.stack([self.waiting.sum(), (self.position < self.length).sum()]).tolist()
+    def flags(self) -> tuple[list[bool], list[bool]]:
+        """The scheduling step's one host read: (whether each image waits, whether each is unfinished)."""
+        waiting, unfinished = torch.stack([self.waiting, self.position < self.length]).tolist()
         return waiting, unfinished
 
     def active(self) -> torch.Tensor:
