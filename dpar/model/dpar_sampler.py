@@ -7,14 +7,15 @@ images: the decoder predicts each one's next token from the encoder state of its
 output before its patch, the sampled token feeds the encoder and the entropy model. Everything else, patch
 bookkeeping included, stays on the device.
 
-Which rows a step computes is chosen in one place (``gathers_rows``): on a CPU a step computes only the rows it
-serves (gathered by index), because there a step's cost grows with its rows (GEMMs of a few rows are compute bound,
-the attention reads each row's cache), so the global step's total cost follows the number of patches; on a GPU
-every step computes every row (static shapes, one compiled graph per step; a decode step is bound by weight
-bandwidth, so rows cost little) and the rows that are not served append nothing. Either way each row's arithmetic
-does not depend on which rows share the step (the CPU kernels compute each row on its own; a gathered step has at
-most dk's LINEAR_MAX_ROWS rows, above which F.linear's BLAS path changes with the row count), so every schedule
-gives the same tokens in any precision.
+Which rows a step computes is chosen in one place (``gathers_rows``): in float32 on a CPU a step computes only the
+rows it serves (gathered by index), because there a step's cost grows with its rows (GEMMs of a few rows are
+compute bound, the attention reads each row's cache), so the global step's total cost follows the number of
+patches; elsewhere every step computes every row (static shapes: on a GPU one compiled graph per step, and a decode
+step is bound by weight bandwidth, so rows cost little) and the rows that are not served append nothing. Either
+way each row's arithmetic does not depend on which rows share the step: a static step computes every row at its
+place in a batch of the same size, and a gathered one runs dk's float32 CPU kernels, which compute each row on its
+own, on at most LINEAR_MAX_ROWS rows (above that, and in other dtypes, F.linear's BLAS may round a row differently
+by the number of rows). So every schedule gives the same tokens.
 
 Classifier-free guidance doubles the rows: rows [0, B) carry the labels, rows [B, 2B) the null class; both rows of
 a pair receive the same sampled token and share patch boundaries. Slots can be reloaded with new images while the
@@ -45,7 +46,6 @@ class DparSampler:
             raise ValueError(f"max_patch_size must be an int >= 1, got {max_patch_size!r}")
         if entropy_model.config.grid_width != c.grid_width or entropy_model.config.vocab_size != c.vocab_size:
             raise ValueError("entropy_model must share the model's grid width and vocabulary")
-        self.policy = schedule_policy(schedule)
         self.model, self.entropy_model, self.batch, self.cfg_scale = model, entropy_model, batch, cfg_scale
         self.rows = batch if cfg_scale == 1.0 else 2 * batch
         self.temperature, self.sampling = temperature, dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -53,7 +53,8 @@ class DparSampler:
         self.device = weight.device
         thresholds = gen._thresholds(threshold, batch, self.device)
         entropy_needed = bool((thresholds < float("inf")).any())  # all +inf: fixed-size patches, no entropy model
-        self.gathered = gathers_rows(self.device)
+        self.gathered = gathers_rows(self.device, weight.dtype)
+        self.policy = schedule_policy(schedule, self.gathered)
         self.images_per_step = max(1, LINEAR_MAX_ROWS * batch // self.rows)  # of a gathered step
         steps = (_gathered_local_step, _gathered_global_step) if self.gathered else (_local_step, _global_step)
         self._local_step, self._global_step = (gen._step_function(f, compile, dynamic=self.gathered) for f in steps)
@@ -158,10 +159,10 @@ class DparSampler:
         return self.tokens, self.images.patch_batch()
 
 
-def gathers_rows(device: torch.device) -> bool:
-    """Whether DPAR's sampling steps compute only the rows they serve (True on a CPU) or every row (static shapes,
-    elsewhere); see the module docstring."""
-    return device.type == "cpu"
+def gathers_rows(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether DPAR's sampling steps compute only the rows they serve (float32 on a CPU) or every row (static
+    shapes, elsewhere); see the module docstring."""
+    return device.type == "cpu" and dtype == torch.float32
 
 
 def _noise_dtype(weight: torch.Tensor) -> torch.dtype:

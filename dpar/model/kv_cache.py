@@ -42,9 +42,9 @@ class KVCache:
         if self._rows is None:
             return dk.kvcache_attention(q[:, None], self.k[layer], self.v[layer], self.lengths,
                                         k[:, None].to(self.k.dtype), v[:, None].to(self.v.dtype))[:, 0]
-        index = (self._rows, self._appended)
-        self.k[layer].index_put_(index, k.to(self.k.dtype))
-        self.v[layer].index_put_(index, v.to(self.v.dtype))
+        index = (torch.full_like(self._rows, layer), self._rows, self._appended)  # whole-cache index: a compiled
+        self.k.index_put_(index, k.to(self.k.dtype))  # step writes in place (into a view it would copy the cache)
+        self.v.index_put_(index, v.to(self.v.dtype))
         queries = q.new_zeros(self.batch, *q.shape[1:]).index_copy_(0, self._rows, q)
         out = dk.kvcache_attention(queries[:, None], self.k[layer], self.v[layer], self._visible)[:, 0]
         return out.index_select(0, self._rows)
