@@ -41,11 +41,11 @@ class WaitFraction:
 
 LOCKSTEP = WaitFraction(0.0)
 # "out_of_step" by how the sampler runs its steps (dpar_sampler.gathers_rows), chosen with
-# benchmarks/sampling_cost_model.py (benchmarks/results/sampling_cost_model_*): over every row (GPU: a global step
-# costs the same whichever images it serves, so waiting for half of them saves global steps) or over the rows they
-# serve (CPU float32: the rows computed do not depend on the policy, and fewer, fuller global steps save less than
-# the extra local steps cost).
-OUT_OF_STEP = {False: WaitFraction(0.5), True: WaitFraction(0.0)}
+# benchmarks/sampling_cost_model.py (benchmarks/results/sampling_cost_model_*): over every row (GPU roofline: a
+# global step costs the same whichever images it serves; waiting for half of them is best for the global-heavy L and
+# XL depths) or over the rows they serve (CPU float32: the rows computed do not depend on the policy, only the number
+# of steps does; waiting for 30% is best with long patches and ties lockstep with short ones).
+OUT_OF_STEP = {False: WaitFraction(0.5), True: WaitFraction(0.3)}
 
 
 def schedule_policy(schedule, gathered: bool) -> WaitFraction:
