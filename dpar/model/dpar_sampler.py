@@ -57,7 +57,8 @@ class DparSampler:
         self.policy = schedule_policy(schedule, self.gathered)
         self.images_per_step = max(1, LINEAR_MAX_ROWS * batch // self.rows)  # of a gathered step
         steps = (_gathered_local_step, _gathered_global_step) if self.gathered else (_local_step, _global_step)
-        self._local_step, self._global_step = (gen._step_function(f, compile, dynamic=self.gathered) for f in steps)
+        dynamic = None if self.gathered else False  # gathered: dynamo makes the row count dynamic once it changes
+        self._local_step, self._global_step = (gen._step_function(f, compile, dynamic) for f in steps)
         self.max_patch_size = max_patch_size
         self.encoder_cache = gen._cache(model, c.encoder_layers, self.rows, length)
         self.global_cache = gen._cache(model, c.global_layers, self.rows, length + 1)

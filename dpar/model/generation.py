@@ -54,9 +54,10 @@ def _repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x])
 
 
-def _step_function(step, compile, dynamic: bool = False):
+def _step_function(step, compile, dynamic: bool | None = False):
     """``step`` itself (compile False, the default) or its compiled version (compile True: torch.compile's default
-    mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
+    mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs). ``dynamic``: that of
+    torch.compile (False: static shapes; None: a size becomes dynamic once it changes, the others stay static).
 
     Compiled sampling is faster per image once compiled, but each graph first pays inductor's compile time, so
     compile stays off by default (``python -m benchmarks.bench_sampling`` measures both; benchmarks/RESULTS.md).
@@ -70,7 +71,7 @@ def _step_function(step, compile, dynamic: bool = False):
 
 
 @functools.cache
-def _compiled(step, mode, dynamic: bool):
+def _compiled(step, mode, dynamic: bool | None):
     """One compiled wrapper per (step, mode), so later generate calls reuse its graphs (the shapes of a call are
     fixed: rows, width, vocabulary; a new batch size compiles once more)."""
     return torch.compile(step, fullgraph=True, dynamic=dynamic, mode=mode)
