@@ -1,11 +1,11 @@
 """DPAR's KV-cache sampler: a batch of image slots, each at its own token, scheduled by a policy (schedule.py).
 
-A scheduling step reads one small tensor (schedule.ImageStates.flags: which images wait for the global step, which
-are unfinished), then runs, if the policy says so, one cached global step appended for the waiting images (their
-closed patches are embedded and appended to the global sequence), then one local step appended for the active
-images: the decoder predicts each one's next token from the encoder state of its previous token and the global
-output before its patch, the sampled token feeds the encoder and the entropy model. Everything else, patch
-bookkeeping included, stays on the device.
+A scheduling step reads one small tensor (schedule.ImageStates.read: how many images wait for the global step and
+how many are unfinished, and for gathered steps which), then runs, if the policy says so, one cached global step
+appended for the waiting images (their closed patches are embedded and appended to the global sequence), then one
+local step appended for the active images: the decoder predicts each one's next token from the encoder state of its
+previous token and the global output before its patch, the sampled token feeds the encoder and the entropy model.
+Everything else, patch bookkeeping included, stays on the device.
 
 Which rows a step computes is chosen in one place (``gathers_rows``): in float32 on a CPU a step computes only the
 rows it serves (gathered by index), because there a step's cost grows with its rows (GEMMs of a few rows are
@@ -123,8 +123,7 @@ class DparSampler:
     @torch.no_grad()
     def step(self) -> int:
         """One scheduling step; returns how many images were unfinished before it (0: nothing ran)."""
-        waiting, unfinished = self.images.flags()
-        waits, left = sum(waiting), sum(unfinished)
+        waits, left, waiting, unfinished = self.images.read(self.gathered)
         if not left:
             return 0
         run_global = waits > 0 and (waits == left or self.policy.run_global(waits, left))
@@ -135,7 +134,7 @@ class DparSampler:
                                   self.max_patch_size, slots, self.batch)
             images.close_waiting()
             self.global_steps += 1
-        active = [u and (run_global or not w) for w, u in zip(waiting, unfinished)]
+        active = None if waiting is None else [u and (run_global or not w) for w, u in zip(waiting, unfinished)]
         for slots in self._gathered(active):
             self.previous = self._local_step(
                 model, self.decoder_cache, self.encoder_cache, self.entropy_model, self.entropy_cache, images,
@@ -144,10 +143,10 @@ class DparSampler:
         self.local_steps += 1
         return left
 
-    def _gathered(self, flags: list[bool]) -> list[torch.Tensor | None]:
+    def _gathered(self, flags: list[bool] | None) -> list[torch.Tensor | None]:
         """The slot sets (int64 [n <= images_per_step]) of a gathered step over the flagged images; [None] (one step
-        over every row) when steps are not gathered."""
-        if not self.gathered:
+        over every row) when steps are not gathered (flags None)."""
+        if flags is None:
             return [None]
         return list(torch.tensor([b for b, f in enumerate(flags) if f], device=self.device)
                     .split(self.images_per_step))

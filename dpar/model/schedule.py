@@ -8,7 +8,7 @@ extra local steps (the waiting rows idle through them) for fewer global ones. Ea
 every policy: only the order of work changes (the sampling noise is keyed by image and position).
 
 ``ImageStates`` keeps the bookkeeping on the device; a scheduling step reads one small tensor to the host
-(``flags``).
+(``read``).
 """
 from __future__ import annotations
 
@@ -76,10 +76,15 @@ class ImageStates:
         self.boundary = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.boundary[:, 0] = True
 
-    def flags(self) -> tuple[list[bool], list[bool]]:
-        """The scheduling step's one host read: (whether each image waits, whether each is unfinished)."""
+    def read(self, flags: bool) -> tuple[int, int, list[bool] | None, list[bool] | None]:
+        """The scheduling step's one host read -> (waiting images, unfinished images, whether each image waits,
+        whether each is unfinished); the two lists only with ``flags`` (gathered steps need them), else None (two
+        counts: no host work that grows with the batch)."""
+        if not flags:
+            waits, left = torch.stack([self.waiting.sum(), (self.position < self.length).sum()]).tolist()
+            return waits, left, None, None
         waiting, unfinished = torch.stack([self.waiting, self.position < self.length]).tolist()
-        return waiting, unfinished
+        return sum(waiting), sum(unfinished), waiting, unfinished
 
     def active(self) -> torch.Tensor:
         """bool [batch]: the images whose next local step runs (not waiting, not finished)."""
