@@ -180,11 +180,17 @@ class PatchRefiner(nn.Module):
         attended = dk.varlen_attention(q, k, v, cu_queries, cu_tokens, 1, max_patch_length, causal=False)
         return self._output(patches, attended)
 
-    def forward_padded(self, patches, tokens, lengths):
-        """forward for patches padded to L tokens (incremental decoding, no host read): patches [P, D], tokens
-        [P, L, D] (patch p's first lengths[p] rows count), lengths int32 [P] -> [P, D]."""
+    def token_keys_values(self, tokens):
+        """tokens [..., D] -> their cross-attention keys and values [..., 2, Hk, d] (incremental decoding computes
+        them once per token, as it samples it)."""
+        return self.kv(self.token_norm(tokens)).unflatten(-1, (2, self.num_kv_heads, self.head_dim))
+
+    def forward_padded(self, patches, keys_values, lengths):
+        """forward for patches padded to L tokens (incremental decoding, no host read): patches [P, D],
+        keys_values [P, L, 2, Hk, d] (token_keys_values of the tokens; patch p's first lengths[p] count), lengths
+        int32 [P] -> [P, D]."""
         q = self.q(self.query_norm(patches)).unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = self.kv(self.token_norm(tokens)).unflatten(-1, (-1, self.head_dim)).chunk(2, dim=2)
+        k, v = keys_values.unbind(2)
         attended = dk.kvcache_attention(q[:, None], k, v, lengths, causal=False)[:, 0]
         return self._output(patches, attended)
 

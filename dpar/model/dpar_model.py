@@ -67,10 +67,12 @@ class DPAR(nn.Module):
         pooled = dk.patch_gather(token_states, cu_tokens, reduce="max")
         return self.refiner(pooled, token_states, cu_tokens, max_patch_length)
 
-    def embed_padded_patches(self, token_states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def embed_padded_patches(self, token_states: torch.Tensor, keys_values: torch.Tensor,
+                             lengths: torch.Tensor) -> torch.Tensor:
         """embed_patches for patches padded to L tokens by repeating their own tokens (incremental decoding):
-        token_states [P, L, D], lengths int32 [P] (real tokens of each) -> patch vectors [P, D]; no host read."""
-        return self.refiner.forward_padded(token_states.amax(1), token_states, lengths)
+        token_states [P, L, D], keys_values [P, L, 2, Hk, d] (refiner.token_keys_values of those states), lengths
+        int32 [P] (real tokens of each) -> patch vectors [P, D]; no host read."""
+        return self.refiner.forward_padded(token_states.amax(1), keys_values, lengths)
 
     def run_global(self, rows: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                    max_seqlen: int | None = None, cache: KVCache | None = None) -> torch.Tensor:

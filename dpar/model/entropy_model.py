@@ -70,12 +70,14 @@ class EntropyModel(nn.Module):
         return KVCache(c.layers, batch, c.tokens_per_image, c.num_kv_heads, c.head_dim, dtype, device)
 
     @torch.no_grad()
-    def step(self, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor | None = None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
         """Appends one token per image (int64 [B]; only where ``active``, bool [B], is True when given: each image
-        at its own position) -> float32 [B]: entropy of the prediction of the next."""
+        at its own position), or, with ``rows`` (int64 [n]), one token to each of those images only (tokens [n])
+        -> float32 [B] (or [n]): entropy of the prediction of the next."""
         x = self.embed(tokens)
-        index = cache.lengths.long()
-        cache.begin(active=active)
+        index = (cache.lengths if rows is None else cache.lengths.index_select(0, rows)).long()
+        cache.begin(rows, active)
         x = self.layers(x, self.rope(grid_positions(index, self.config.grid_width), x.dtype), cache=cache)
         cache.commit()
         return dk.linear_entropy(self.norm(x), self.head.weight)

@@ -4,15 +4,17 @@ Classifier-free guidance doubles the batch: rows [0, B) carry the labels, rows [
 rows of a pair receive the same sampled token and share patch boundaries.
 
 Host reads: the baseline reads no tensor value per token; DPAR (dpar_sampler.DparSampler) reads one small tensor
-per scheduling step (how many images wait for the global step, how many are unfinished), so that the schedule
+per scheduling step (which images wait for the global step, which are unfinished), so that the schedule
 (schedule.py: lockstep or out of step) decides on the host whether the global step runs. Everything else, patch
 bookkeeping included, stays on the device.
 
 The per-token step (the baseline's whole model.run; DPAR's decoder step + sampling + encoder step + entropy step)
 is one function of tensors and caches, with the positions taken from the cache lengths on the device (no Python
-int), so ``compile=True`` runs it as one torch.compile graph (fullgraph, static shapes) that never recompiles across
-tokens; so is DPAR's global step. The sampling noise is drawn eagerly from the generator (sampling.sampling_noise),
-so compiled and eager runs give the same tokens. Measured speeds: benchmarks/results/ (sampling_* files).
+int), so ``compile=True`` runs it as one torch.compile graph (fullgraph) that never recompiles across tokens; so is
+DPAR's global step (static shapes; where DPAR's steps are gathered, dpar_sampler.gathers_rows, dynamic row counts, and
+dynamo compiles one more graph for a step over a single image).
+The sampling noise is drawn eagerly from the generator (sampling.sampling_noise), so compiled and eager runs give the
+same tokens. Measured speeds: benchmarks/results/ (sampling_* files).
 """
 import functools
 
@@ -52,9 +54,10 @@ def _repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x])
 
 
-def _step_function(step, compile, dynamic: bool = False):
+def _step_function(step, compile, dynamic: bool | None = False):
     """``step`` itself (compile False, the default) or its compiled version (compile True: torch.compile's default
-    mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs).
+    mode, inductor; a str: that torch.compile mode, e.g. "reduce-overhead" for CUDA graphs). ``dynamic``: that of
+    torch.compile (False: static shapes; None: a size becomes dynamic once it changes, the others stay static).
 
     Compiled sampling is faster per image once compiled, but each graph first pays inductor's compile time, so
     compile stays off by default (``python -m benchmarks.bench_sampling`` measures both; benchmarks/RESULTS.md).
@@ -68,7 +71,7 @@ def _step_function(step, compile, dynamic: bool = False):
 
 
 @functools.cache
-def _compiled(step, mode, dynamic: bool):
+def _compiled(step, mode, dynamic: bool | None):
     """One compiled wrapper per (step, mode), so later generate calls reuse its graphs (the shapes of a call are
     fixed: rows, width, vocabulary; a new batch size compiles once more)."""
     return torch.compile(step, fullgraph=True, dynamic=dynamic, mode=mode)
@@ -128,7 +131,7 @@ def generate_dpar(model, class_labels, *, entropy_model, threshold, max_patch_si
     (every image at the same token, the global step at every token some image closes a patch) or a
     schedule.WaitFraction; the tokens are the same (the noise of token t of image b is the b-th of the t-th
     [B] draw from ``generator``). Returns tokens int64 [B, H*W] and the PatchBatch of the patches used.
-    ``compile``: see _step_function (same tokens; the global step compiles with dynamic shapes).
+    ``compile``: see _step_function (same tokens).
     """
     from .dpar_sampler import DparSampler
 

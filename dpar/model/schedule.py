@@ -8,7 +8,7 @@ extra local steps (the waiting rows idle through them) for fewer global ones. Ea
 every policy: only the order of work changes (the sampling noise is keyed by image and position).
 
 ``ImageStates`` keeps the bookkeeping on the device; a scheduling step reads one small tensor to the host
-(``summary``).
+(``read``).
 """
 from __future__ import annotations
 
@@ -40,15 +40,21 @@ class WaitFraction:
 
 
 LOCKSTEP = WaitFraction(0.0)
-OUT_OF_STEP = WaitFraction(0.3)  # chosen with benchmarks/sampling_cost_model.py (benchmarks/results/sampling_*)
+# "out_of_step" by how the sampler runs its steps (dpar_sampler.gathers_rows), chosen with
+# benchmarks/sampling_cost_model.py (benchmarks/results/sampling_cost_model_*): over every row (GPU roofline: a
+# global step costs the same whichever images it serves; waiting for half of them is best for the global-heavy L and
+# XL depths) or over the rows they serve (CPU float32: the rows computed do not depend on the policy, only the number
+# of steps does; waiting for 30% is best with long patches and ties lockstep with short ones).
+OUT_OF_STEP = {False: WaitFraction(0.5), True: WaitFraction(0.3)}
 
 
-def schedule_policy(schedule) -> WaitFraction:
-    """"out_of_step" (the default policy), "lockstep", or a WaitFraction -> the policy."""
+def schedule_policy(schedule, gathered: bool) -> WaitFraction:
+    """"out_of_step" (the default policy of steps that are ``gathered`` or not), "lockstep", or a WaitFraction ->
+    the policy."""
     if isinstance(schedule, WaitFraction):
         return schedule
     if schedule == "out_of_step":
-        return OUT_OF_STEP
+        return OUT_OF_STEP[gathered]
     if schedule == "lockstep":
         return LOCKSTEP
     raise ValueError(f"schedule must be one of {SCHEDULES} or a WaitFraction, got {schedule!r}")
@@ -70,10 +76,15 @@ class ImageStates:
         self.boundary = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.boundary[:, 0] = True
 
-    def summary(self) -> tuple[int, int]:
-        """The scheduling step's one host read: (waiting images, unfinished images)."""
-        waiting, unfinished = torch.stack([self.waiting.sum(), (self.position < self.length).sum()]).tolist()
-        return waiting, unfinished
+    def read(self, flags: bool) -> tuple[int, int, list[bool] | None, list[bool] | None]:
+        """The scheduling step's one host read -> (waiting images, unfinished images, whether each image waits,
+        whether each is unfinished); the two lists only with ``flags`` (gathered steps need them), else None (two
+        counts: no host work that grows with the batch)."""
+        if not flags:
+            waits, left = torch.stack([self.waiting.sum(), (self.position < self.length).sum()]).tolist()
+            return waits, left, None, None
+        waiting, unfinished = torch.stack([self.waiting, self.position < self.length]).tolist()
+        return sum(waiting), sum(unfinished), waiting, unfinished
 
     def active(self) -> torch.Tensor:
         """bool [batch]: the images whose next local step runs (not waiting, not finished)."""
@@ -120,24 +131,24 @@ class ImageStates:
         return PatchBatch.from_lengths(lengths, cu, self.grid_width)
 
 
-def simulate_schedule(patch_lengths: list[list[int]], policy: WaitFraction) -> tuple[int, list[int]]:
+def simulate_schedule(patch_lengths: list[list[int]], policy: WaitFraction) -> tuple[list[int], list[int]]:
     """The steps DparSampler takes for images with these patches (one list of patch lengths per image, each
-    summing to the same T) under ``policy``, without a model -> (local steps, images served by each global step).
-    For cost models: the sampler's own counts are the same (tests/model/test_schedule.py)."""
+    summing to the same T) under ``policy``, without a model -> (images advanced by each local step, images served
+    by each global step). For cost models: the sampler's own counts are the same (tests/model/test_schedule.py)."""
     length = sum(patch_lengths[0])
     starts = [set(itertools.accumulate(lengths[:-1])) for lengths in patch_lengths]
     position, waiting = [0] * len(patch_lengths), [False] * len(patch_lengths)
-    local_steps, served = 0, []
+    advanced, served = [], []
     while True:
         unfinished = sum(p < length for p in position)
         count = sum(waiting)
         if not unfinished:
-            return local_steps, served
+            return advanced, served
         if count and (count == unfinished or policy.run_global(count, unfinished)):
             served.append(count)
             waiting = [False] * len(waiting)
-        for b, p in enumerate(position):
-            if not waiting[b] and p < length:
-                position[b] = p + 1
-                waiting[b] = p + 1 in starts[b]
-        local_steps += 1
+        active = [b for b, p in enumerate(position) if not waiting[b] and p < length]
+        for b in active:
+            position[b] += 1
+            waiting[b] = position[b] in starts[b]
+        advanced.append(len(active))

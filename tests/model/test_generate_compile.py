@@ -60,7 +60,7 @@ def _sample(kind, models, labels, compile, cfg_scale=1.0, seed=5, **sampling):
                           return_patches=True, **knobs)
 
 
-STEP = {"baseline": "_baseline_step", "dpar": "_dpar_step"}
+STEP = {"baseline": "_baseline_step", "dpar": "_gathered_local_step"}  # float32 CPU: gathered
 
 
 @pytest.mark.parametrize("kind,cfg_scale,sampling", CASES)
@@ -73,7 +73,7 @@ def test_compiled_step_gives_the_eager_tokens_in_one_graph(graphs, kind, cfg_sca
     if kind == "dpar":
         assert torch.equal(patches.patch_lengths, expected_patches.patch_lengths)
         assert len(set(patches.patch_lengths.tolist())) > 1, "the patches should have several lengths"
-        assert 1 <= graphs["_append_patches"] <= 6, graphs
+        assert 1 <= graphs["_gathered_global_step"] <= 6, graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[STEP[kind]] == 1, f"the step recompiled across the {models[0].tokens_per_image} tokens: {graphs}"
     warm = graphs.copy()
@@ -96,7 +96,7 @@ def test_dpar_fixed_patches_compile_without_the_entropy_model(graphs):
                                         for compile in (True, False))
     assert torch.equal(tokens, expected)
     assert patches.num_patches == 2 * config.tokens_per_image // 2
-    assert graphs["_dpar_step"] == 1 and not counters["graph_break"], graphs
+    assert graphs["_gathered_local_step"] == 1 and not counters["graph_break"], graphs
 
 
 def test_compile_rejects_a_non_bool_non_mode():

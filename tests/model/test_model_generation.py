@@ -110,25 +110,30 @@ def _compiled_outside_the_modes(step, mode, dynamic):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("kind,schedule", [("baseline", None), ("dpar", "lockstep"), ("dpar", "out_of_step")])
-def test_generation_reads_at_most_one_tensor_value_per_step(kind, schedule, compile, monkeypatch):
+@pytest.mark.parametrize("kind,schedule,dtype", [("baseline", None, torch.float64),
+                                                 ("dpar", "lockstep", torch.float64),
+                                                 ("dpar", "out_of_step", torch.float64),
+                                                 ("dpar", "out_of_step", torch.float32)],
+                         ids=["baseline", "dpar-lockstep", "dpar-out_of_step", "dpar-gathered"])
+def test_generation_reads_at_most_one_tensor_value_per_step(kind, schedule, dtype, compile, monkeypatch):
     """Host reads (device syncs on a GPU) per step (the baseline's token, DPAR's scheduling step), with mixed
-    patch boundaries and CFG, eager and with compile=True. The reads that do not depend on the length (argument
-    checks, the final PatchBatch) are measured on a 1-row grid and subtracted."""
+    patch boundaries and CFG, eager and with compile=True, DPAR's steps over every row (float64) and gathered
+    (float32 on a CPU: dpar_sampler.gathers_rows). The reads that do not depend on the length (argument checks, the
+    final PatchBatch) are measured on a 1-row grid and subtracted."""
     if compile:
         monkeypatch.setattr(generation, "_compiled", functools.cache(_compiled_outside_the_modes))
         torch._dynamo.reset()
     steps = []
     counted_step = dpar_sampler.DparSampler.step
     monkeypatch.setattr(dpar_sampler.DparSampler, "step", lambda self: steps.append(1) or counted_step(self))
-    models = tiny_models(global_layers=1)
+    models = tiny_models(dtype, global_layers=1)
     config = models[0]
     labels = torch.tensor([0, 3, 7])
     threshold = _threshold_with_mixed_boundaries(config, models[3])
     with HostReadCounter() as reads:
         _generate(kind, models, labels, threshold, compile, schedule)
     long_steps, steps[:] = len(steps), []
-    short = tiny_models(grid_height=1, global_layers=1)
+    short = tiny_models(dtype, grid_height=1, global_layers=1)
     with HostReadCounter() as fixed:
         _generate(kind, short, labels, threshold, compile, schedule)
     if kind == "baseline":

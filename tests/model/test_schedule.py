@@ -1,12 +1,13 @@
 """Out-of-step sampling gives each image the lockstep sampler's tokens and patches (same noise), with fewer global
-steps; the policy and the masked KV-cache step behave as documented."""
+steps; a gathered step computes each row as a step over every row does (bit for bit: what makes the schedules agree
+on a CPU); the policy and the masked and gathered KV-cache steps behave as documented."""
 import pytest
 import torch
 from model_utils import single_thread, tiny_models  # noqa: F401
 
-from dpar.model.dpar_sampler import DparSampler
+from dpar.model.dpar_sampler import DparSampler, gathers_rows
 from dpar.model.kv_cache import KVCache
-from dpar.model.schedule import LOCKSTEP, WaitFraction, schedule_policy, simulate_schedule
+from dpar.model.schedule import LOCKSTEP, OUT_OF_STEP, WaitFraction, schedule_policy, simulate_schedule
 
 
 def _median_threshold(config, entropy_model, seed=0):
@@ -39,8 +40,11 @@ CASES = [
 
 @pytest.mark.parametrize("batch,threshold,max_patch_size,sampling", CASES)
 @pytest.mark.parametrize("schedule", ["out_of_step", WaitFraction(0.5), WaitFraction(1.0)], ids=str)
-def test_out_of_step_gives_the_lockstep_tokens(schedule, batch, threshold, max_patch_size, sampling):
-    models = tiny_models(grid_width=6, grid_height=3)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["static", "gathered"])
+def test_out_of_step_gives_the_lockstep_tokens(dtype, schedule, batch, threshold, max_patch_size, sampling):
+    models = tiny_models(dtype, grid_width=6, grid_height=3)
+    assert DparSampler(models[1], 1, entropy_model=models[3], threshold=1.0, max_patch_size=2).gathered == (
+        dtype == torch.float32)
     config, entropy_model = models[0], models[3]
     threshold = {"median": _median_threshold(config, entropy_model), "inf": float("inf"),
                  "low": _median_threshold(config, entropy_model) - 0.05}[threshold]
@@ -54,7 +58,7 @@ def test_out_of_step_gives_the_lockstep_tokens(schedule, batch, threshold, max_p
     assert sampler.local_steps >= config.tokens_per_image
     assert sampler.global_steps <= lockstep.global_steps
     fewest = int(expected_patches.patches_per_image().max()) - 1  # global steps if all patches were aligned
-    if lockstep.global_steps > fewest + 2 and schedule_policy(schedule).fraction >= 0.5:
+    if lockstep.global_steps > fewest + 2 and schedule_policy(schedule, sampler.gathered).fraction >= 0.5:
         # unaligned patches, a policy that waits for half the batch: fewer global steps
         assert sampler.global_steps < lockstep.global_steps, (sampler.global_steps, lockstep.global_steps)
 
@@ -140,9 +144,10 @@ def test_wait_fraction_policy():
     for bad in (-0.1, 1.5, True, "half"):
         with pytest.raises(ValueError, match="fraction"):
             WaitFraction(bad)
-    assert schedule_policy(half) is half and schedule_policy("lockstep") == LOCKSTEP
+    assert schedule_policy(half, True) is half and schedule_policy("lockstep", False) == LOCKSTEP
+    assert schedule_policy("out_of_step", False) == OUT_OF_STEP[False]
     with pytest.raises(ValueError, match="schedule"):
-        schedule_policy("sometimes")
+        schedule_policy("sometimes", True)
 
 
 def test_a_masked_cache_step_appends_only_the_active_rows():
@@ -163,6 +168,93 @@ def test_the_schedule_simulation_counts_the_sampler_steps(schedule):
     labels = torch.arange(5)
     _, patches, sampler = _run(models, labels, schedule, _median_threshold(config, entropy_model), 3)
     per_image = [patches.image(b).patch_lengths.tolist() for b in range(5)]
-    local_steps, served = simulate_schedule(per_image, schedule_policy(schedule))
-    assert (local_steps, len(served)) == (sampler.local_steps, sampler.global_steps)
+    advanced, served = simulate_schedule(per_image, schedule_policy(schedule, sampler.gathered))
+    assert (len(advanced), len(served)) == (sampler.local_steps, sampler.global_steps)
+    assert sum(advanced) == 5 * config.tokens_per_image  # every token is sampled once
     assert sum(served) == patches.num_patches - 5  # every patch but each image's last is served once
+
+
+def _sampler_mid_image(models, batch, steps, threshold, **sampling):
+    """A lockstep DparSampler of ``batch`` images after ``steps`` scheduling steps."""
+    _, model, _, entropy_model = models
+    sampler = DparSampler(model, batch, entropy_model=entropy_model, threshold=threshold, max_patch_size=4,
+                          schedule="lockstep", **sampling)
+    sampler.load(None, torch.arange(batch) % models[0].num_classes,
+                 sampler.draw_noise(batch, torch.Generator().manual_seed(7)))
+    for _ in range(steps):
+        sampler.step()
+    return sampler
+
+
+def _step_args(sampler, kind, slots):
+    if kind == "local":
+        return (sampler.model, sampler.decoder_cache, sampler.encoder_cache, sampler.entropy_model,
+                sampler.entropy_cache, sampler.images, sampler.previous, sampler.condition, sampler.noise,
+                sampler.tokens, sampler.states, sampler.keys_values, slots, sampler.batch, sampler.cfg_scale,
+                sampler.sampling)
+    sampler.images.start.copy_((sampler.images.position - 3).clamp(min=0))  # patches of up to 3 tokens close
+    return (sampler.model, sampler.global_cache, sampler.condition, sampler.states, sampler.keys_values,
+            sampler.images, sampler.max_patch_size, slots, sampler.batch)
+
+
+def test_steps_are_gathered_in_float32_on_a_cpu():
+    assert gathers_rows(torch.device("cpu"), torch.float32)
+    assert not gathers_rows(torch.device("cpu"), torch.float64)  # BLAS rounds a row by the number of rows
+    assert not gathers_rows(torch.device("cpu"), torch.bfloat16)
+    assert not gathers_rows(torch.device("meta"), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+@pytest.mark.parametrize("images", [7, 20], ids=["7-images", "20-images"])
+@torch.no_grad()
+def test_a_gathered_step_computes_each_row_as_a_step_over_every_row_does(kind, images):
+    """Batch invariance, bit for bit: a step over some images gives each of their rows (CFG twins included) what a
+    step over every image gives it (20 images: 40 rows, more than one gathered step's LINEAR_MAX_ROWS); the
+    images it leaves out are untouched."""
+    models = tiny_models(torch.float32, seed=6, grid_width=8, grid_height=4)
+    threshold = _median_threshold(models[0], models[3])
+    every, some = (_sampler_mid_image(models, images, 9, threshold, cfg_scale=2.0, temperature=1.0)
+                   for _ in range(2))
+    assert every.gathered
+    slots = torch.tensor([1, 4, 5])
+    rows = torch.cat([slots, slots + images])
+    others = torch.tensor([r for r in range(2 * images) if r not in rows.tolist()])
+    before = some.states.clone(), some.condition.clone(), some.previous.clone()
+    step = every._local_step if kind == "local" else every._global_step
+    for part in torch.arange(images).split(every.images_per_step):
+        step(*_step_args(every, kind, part))
+    step(*_step_args(some, kind, slots))
+    caches = ("decoder_cache", "encoder_cache") if kind == "local" else ("global_cache",)
+    for name in caches:
+        full, part = getattr(every, name), getattr(some, name)
+        assert torch.equal(full.lengths[rows], part.lengths[rows])
+        assert torch.equal(full.k[:, rows], part.k[:, rows]) and torch.equal(full.v[:, rows], part.v[:, rows])
+    for name in ("states", "keys_values", "previous", "condition"):
+        assert torch.equal(getattr(every, name)[rows], getattr(some, name)[rows]), name
+    if kind == "local":
+        assert torch.equal(every.tokens[slots], some.tokens[slots])
+        assert torch.equal(every.images.position[slots], some.images.position[slots])
+        assert torch.equal(every.images.waiting[slots], some.images.waiting[slots])
+    for kept, now in zip(before, (some.states, some.condition, some.previous)):
+        assert torch.equal(kept[others], now[others])
+
+
+@torch.no_grad()
+def test_a_gathered_cache_step_appends_only_its_rows_and_matches_a_full_step():
+    cache, full = (KVCache(1, 3, 4, 1, 8, torch.float32, "cpu") for _ in range(2))
+    x = torch.randn(3, 1, 8)
+    for c in (cache, full):
+        c.begin()
+        c.attend(0, x, x, x)
+        c.commit()
+    y = torch.randn(3, 1, 8)
+    full.begin()
+    expected = full.attend(0, y, y, y)
+    full.commit()
+    rows = torch.tensor([2, 0])
+    cache.begin(rows)
+    out = cache.attend(0, y[rows], y[rows], y[rows])
+    cache.commit()
+    assert cache.lengths.tolist() == [2, 1, 2]
+    assert torch.equal(out, expected[rows])
+    assert torch.equal(cache.k[0, rows, :2], full.k[0, rows, :2])
