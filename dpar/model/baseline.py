@@ -36,8 +36,12 @@ class LlamaGenBaseline(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     def positions(self, sequence_index: torch.Tensor) -> torch.Tensor:
-        """Index in [class, token_0, ...] -> (row, col) [N, 2]; the class token (index 0) gets (0, 0)."""
-        return grid_positions((sequence_index - 1).clamp(min=0), self.config.grid_width)
+        """Index in [class, token_0, ...] -> (row, col) [N, 2]; the class token (index 0) gets (0, 0).
+
+        A where, not clamp(min=0): inductor (torch 2.13, CPU) fails on the clamp of an in-graph arange minus one
+        ("vr must not be None"), which made `dpar train baseline --compile` fail."""
+        token = torch.where(sequence_index > 0, sequence_index - 1, 0)
+        return grid_positions(token, self.config.grid_width)
 
     def run(self, rows: torch.Tensor, sequence_index: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
             max_seqlen: int | None = None, cache: KVCache | None = None) -> torch.Tensor:

@@ -59,3 +59,16 @@ def test_train_compile_runs_one_graph_across_batches(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.slow
+def test_train_compile_baseline_with_inductor(tmp_path):
+    """`dpar train baseline --compile` (inductor) trains: the baseline's class-token position once hit an inductor
+    lowering failure ("vr must not be None") on 8x8 grids."""
+    write_random_dataset(tmp_path / "data", count=8, grid=8)
+    torch._dynamo.reset()
+    counters.clear()
+    records = train.train(train_args(["baseline", "--data", tmp_path / "data", "--out", tmp_path / "out", "--steps", 2,
+                                      "--batch-size", 4, "--compile"]))
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert not counters["graph_break"], dict(counters["graph_break"])
