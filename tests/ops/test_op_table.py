@@ -2,6 +2,7 @@
 output and gradients against the op's pure-PyTorch reference (naive.py) in float64, the eager fast path fires and
 equals the registered op, torch.compile(fullgraph=True) traces it, FlopCounterMode counts it. Per-op edge cases
 live beside this file."""
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -119,25 +120,31 @@ def test_output_and_gradients_match_the_float64_reference(op_name, backend):
                 assert_close(args[i].grad, ref_args[i].grad, dtype, factor=10)
 
 
+@contextlib.contextmanager
+def _counting_calls(op, backend: str, monkeypatch):
+    """Within the block, op.backends[backend] records each direct call in the yielded list."""
+    calls, kernel = [], op.backends[backend]
+
+    def counted(*a):
+        calls.append(backend)
+        return kernel(*a)
+
+    monkeypatch.setitem(op.backends, backend, counted)
+    yield calls
+    monkeypatch.setitem(op.backends, backend, kernel)
+
+
 @pytest.mark.parametrize("op_name,backend", ALL_RUNS)
 def test_fast_path_fires_and_equals_the_registered_op(op_name, backend, monkeypatch):
     """No gradient, eager: the backend function runs directly (no dispatcher round trip), and gives exactly what
     the registered op (custom op or C++ op) gives."""
     op, case = OPS[op_name], CASES[op_name]
     args = case.make(_dtype(backend, op_name))
-    calls = []
-    kernel = op.backends[backend]
-
-    def counted(*a):
-        calls.append(backend)
-        return kernel(*a)
-
     with torch.no_grad():
         prepared = op.validate(*_clone(args), backend=backend)
-        monkeypatch.setitem(op.backends, backend, counted)
-        direct = op(*_clone(args), backend=backend)
+        with _counting_calls(op, backend, monkeypatch) as calls:
+            direct = op(*_clone(args), backend=backend)
         assert calls == [backend], "the eager fast path did not fire"
-        monkeypatch.setitem(op.backends, backend, kernel)
         if backend in op.native:
             return  # torch's own op: it is the registered path
         registered_args = _clone(prepared.args)
@@ -159,13 +166,6 @@ def test_eager_autograd_path_fires_and_equals_the_registered_op(op_name, backend
     the gradients are exactly the custom op's (its registered autograd)."""
     op, case = OPS[op_name], CASES[op_name]
     base = case.make(_dtype(backend, op_name))
-    calls = []
-    kernel = op.backends[backend]
-
-    def counted(*a):
-        calls.append(backend)
-        return kernel(*a)
-
     def output_and_grads(run):
         args = _clone(base, grads=case.grads)
         out = run(args)
@@ -173,10 +173,9 @@ def test_eager_autograd_path_fires_and_equals_the_registered_op(op_name, backend
         (_first(out) * weight).sum().backward()
         return _first(out), [args[i].grad for i in case.grads]
 
-    monkeypatch.setitem(op.backends, backend, counted)
-    eager = output_and_grads(lambda args: op(*args, backend=backend))
+    with _counting_calls(op, backend, monkeypatch) as calls:
+        eager = output_and_grads(lambda args: op(*args, backend=backend))
     assert calls == [backend], "the eager autograd path did not run the backend directly"
-    monkeypatch.setitem(op.backends, backend, kernel)
     registered = output_and_grads(lambda args: op.custom_op(*op.validate(*args, backend=backend).args, backend))
     torch.testing.assert_close(eager[0], registered[0], rtol=0, atol=0, equal_nan=True)
     for a, b in zip(eager[1], registered[1]):
