@@ -174,7 +174,7 @@ class PatchRefiner(nn.Module):
     def forward(self, patches, tokens, cu_tokens, max_patch_length: int):
         num_patches = patches.shape[0]
         q = self.q(self.query_norm(patches)).unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = self.kv(self.token_norm(tokens)).unflatten(-1, (-1, self.head_dim)).chunk(2, dim=1)
+        k, v = self.token_keys_values(tokens).unbind(1)
         cu_queries = dk.mark_validated(torch.arange(num_patches + 1, dtype=torch.int32, device=patches.device),
                                        num_patches, 1)
         attended = dk.varlen_attention(q, k, v, cu_queries, cu_tokens, 1, max_patch_length, causal=False)

@@ -93,7 +93,7 @@ class DparSampler:
         if slots is None:
             slots = torch.arange(self.batch, device=self.device)
         for cache in (self.encoder_cache, self.global_cache, self.decoder_cache):
-            cache.lengths[self._rows_of(slots)] = 0
+            cache.lengths[_rows_of(slots, self.batch, self.rows)] = 0
         if self.entropy_cache is not None:
             self.entropy_cache.lengths[slots] = 0
         images = self.images
@@ -105,13 +105,9 @@ class DparSampler:
         for part, part_labels in zip(slots.split(self.images_per_step), labels.split(self.images_per_step)):
             self._class_step(part, part_labels)
 
-    def _rows_of(self, slots: torch.Tensor) -> torch.Tensor:
-        """int64 [n] slots -> their rows (with their CFG twins)."""
-        return slots if self.rows == self.batch else torch.cat([slots, slots + self.batch])
-
     def _class_step(self, slots: torch.Tensor, labels: torch.Tensor) -> None:
         """The class-token global step of the images just loaded in ``slots``."""
-        model, rows = self.model, self._rows_of(slots)
+        model, rows = self.model, _rows_of(slots, self.batch, self.rows)
         row_labels = labels if self.rows == self.batch else model.class_embed.with_null(labels)
         self.global_cache.begin(rows)
         out = model.run_global(model.class_embed(row_labels), torch.zeros(rows.numel(), 3, dtype=torch.long,
@@ -165,6 +161,11 @@ def gathers_rows(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+def _rows_of(slots: torch.Tensor, batch: int, rows: int) -> torch.Tensor:
+    """int64 [n] slots of ``batch`` images -> their rows among ``rows`` (with their CFG twins when rows = 2 batch)."""
+    return slots if rows == batch else torch.cat([slots, slots + batch])
+
+
 def _noise_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
@@ -201,7 +202,7 @@ def _gathered_local_step(model, decoder_cache, encoder_cache, entropy_model, ent
                          sampling: dict):
     """_local_step over the rows of the active images ``slots`` (int64 [n]) only; updates previous in place and
     returns it."""
-    rows = slots if previous.shape[0] == batch else torch.cat([slots, slots + batch])
+    rows = _rows_of(slots, batch, previous.shape[0])
     position = images.position.index_select(0, slots)
     row_position = gen._repeat_rows(position, rows.numel())
     image_noise = None if noise is None else noise[slots, position].unsqueeze(1)
@@ -255,7 +256,7 @@ def _global_step(model, global_cache, condition, states, keys_values, images, ma
 def _gathered_global_step(model, global_cache, condition, states, keys_values, images, max_patch_size: int, slots,
                           batch: int):
     """_global_step over the rows of the waiting images ``slots`` (int64 [n]) only."""
-    rows = slots if condition.shape[0] == batch else torch.cat([slots, slots + batch])
+    rows = _rows_of(slots, batch, condition.shape[0])
     starts = gen._repeat_rows(images.start.index_select(0, slots), rows.numel())
     lengths = gen._repeat_rows(images.position.index_select(0, slots), rows.numel()) - starts
     vectors, positions = _padded_patches(model, states, keys_values, rows, starts, lengths, max_patch_size)
