@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpar_kernels.patching import next_patch_starts
+
 from .patcher import PatchBatch
 
 SCHEDULES = ("out_of_step", "lockstep")
@@ -109,11 +111,9 @@ class ImageStates:
         """After a local step: the active images move one token on; those whose next token starts a patch (rules of
         dk.entropy_patch_lengths; ``entropy`` float [batch] is H of the token just sampled) start waiting."""
         self.position += active.long()
-        position = self.position
-        starts = (position % self.grid_width == 0) | (position - self.start >= self.max_patch_size)
-        if entropy is not None:
-            starts |= entropy.double() > self.thresholds
-        self.waiting |= active & (position < self.length) & starts
+        starts = next_patch_starts(self.position, entropy, self.thresholds, self.start, self.max_patch_size,
+                                   self.grid_width)
+        self.waiting |= active & (self.position < self.length) & starts
 
     def close_waiting(self) -> None:
         """After the waiting images' global step: each opens its next patch at its position."""

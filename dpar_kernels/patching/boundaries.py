@@ -20,16 +20,20 @@ def thresholds(threshold, batch: int) -> torch.Tensor | float:
     return float(threshold)
 
 
-def next_patch_starts(t: int, previous_entropy: torch.Tensor | None, threshold, open_start: torch.Tensor,
-                      max_patch_size: int, row_width: int | None) -> torch.Tensor:
+def next_patch_starts(t: int | torch.Tensor, previous_entropy: torch.Tensor | None, threshold,
+                      open_start: torch.Tensor, max_patch_size: int, row_width: int | None) -> torch.Tensor:
     """bool [B]: token t starts a patch, one token at a time (the sampler's form of patch_starts' rules).
 
-    previous_entropy float [B]: H_{t-1} (None: no entropy rule, fixed-size patches); threshold: float or float64
-    [B]; open_start long [B]: the first token of each image's open patch."""
-    if t == 0 or (row_width is not None and t % row_width == 0):
+    t: an int (every image at token t) or int64 [B] (each image at its own token); previous_entropy float [B]:
+    H_{t-1} (None: no entropy rule, fixed-size patches); threshold: float or float64 [B]; open_start long [B]: the
+    first token of each image's open patch."""
+    per_image = isinstance(t, torch.Tensor)
+    if not per_image and (t == 0 or (row_width is not None and t % row_width == 0)):
         return torch.ones_like(open_start, dtype=torch.bool)
-    full = t - open_start >= max_patch_size
-    return full if previous_entropy is None else (previous_entropy.double() > threshold) | full
+    starts = t - open_start >= max_patch_size
+    if per_image:
+        starts |= (t == 0) if row_width is None else (t % row_width == 0)
+    return starts if previous_entropy is None else (previous_entropy.double() > threshold) | starts
 
 
 def patch_starts(entropy: torch.Tensor, threshold, max_patch_size: int, row_width: int | None) -> torch.Tensor:

@@ -180,3 +180,26 @@ def test_bad_inputs_name_the_argument(kwargs, error, name):
 def test_offset_helpers_reject_bad_inputs(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+@pytest.mark.parametrize("row_width", [None, 5])
+def test_next_patch_starts_with_each_image_at_its_own_token_follows_patch_starts(row_width):
+    """The sampler's per-token rule with per-image positions (images staggered by one token each) marks the same
+    patch starts as the batch rule over whole rows."""
+    from dpar_kernels.patching.boundaries import next_patch_starts, patch_starts
+
+    generator = torch.Generator().manual_seed(0)
+    batch, tokens, max_patch = 4, 13, 3
+    entropy = torch.tensor(HALVES)[torch.randint(len(HALVES), (batch, tokens), generator=generator)]
+    threshold = torch.tensor([2.0, 4.5, 0.0, math.inf], dtype=torch.float64)
+    expected = patch_starts(entropy, threshold, max_patch, row_width)
+    found = torch.zeros(batch, tokens, dtype=torch.bool)
+    open_start = torch.zeros(batch, dtype=torch.long)
+    for step in range(tokens + batch):
+        position = (step - torch.arange(batch)).clamp(0, tokens - 1)  # image b is b tokens behind
+        live = (step - torch.arange(batch) >= 0) & (step - torch.arange(batch) < tokens)
+        previous = entropy.gather(1, (position - 1).clamp(min=0)[:, None])[:, 0]
+        starts = next_patch_starts(position, previous, threshold, open_start, max_patch, row_width) & live
+        open_start = torch.where(starts, position, open_start)
+        found[live, position[live]] = starts[live]
+    assert torch.equal(found, expected)
