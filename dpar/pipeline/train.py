@@ -55,13 +55,14 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
-    """AdamW with weight decay on parameters of rank >= 2 only (LlamaGen's configure_optimizers): the fused
-    kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
+    """AdamW with weight decay on parameters of rank >= 2 only (LlamaGen's configure_optimizers): torch's fused
+    kernel (one call per parameter group on CPU and CUDA) where every parameter is a CPU or CUDA float tensor,
+    else the multi-tensor (foreach) one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    on_cuda = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda, foreach=not on_cuda)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=not fused)
 
 
 def precision_context(precision: str | None, device: torch.device):
