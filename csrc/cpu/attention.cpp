@@ -169,9 +169,14 @@ std::vector<WorkItem> make_items(int64_t batch, int64_t heads, int64_t block, Le
   return items;
 }
 
-// Runs fn(item, scratch) for every item (one Scratch per thread); threads take the next item from a shared counter.
-// Small problems use fewer threads: waking a thread costs more than kMinCostPerThread (query, key) pairs of work.
-constexpr int64_t kMinCostPerThread = 1 << 16;
+// Runs fn(item, scratch) for every item (one Scratch per thread); threads take the next items from a shared counter.
+// Small problems use fewer threads: a thread gets at least kMinWorkPerThread units of work, a unit being one
+// head-dim entry of one (query, key) pair (about 16k pairs at head dim 32: tens of microseconds, several times what
+// waking a thread costs), and every item (loads, stores, bookkeeping) counting kWorkPerItem units besides.
+constexpr int64_t kMinWorkPerThread = 1 << 19;
+constexpr int64_t kWorkPerItem = 1 << 10;
+// The key-tile conversion copies at least this many values per thread.
+constexpr int64_t kMinCopiesPerThread = 1 << 18;
 
 int64_t total_cost(const std::vector<WorkItem>& items) {
   int64_t total = 0;
@@ -185,16 +190,28 @@ int64_t heaviest_cost(const std::vector<WorkItem>& items) {
   return heaviest;
 }
 
+// Threads worth waking for `items` (at most max_threads, at least 1).
+int64_t threads_for(const std::vector<WorkItem>& items, int64_t head_dim, int64_t max_threads) {
+  const int64_t work = total_cost(items) * std::max<int64_t>(head_dim, 1) +
+                       static_cast<int64_t>(items.size()) * kWorkPerItem;
+  return std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max<int64_t>(max_threads, 1));
+}
+
 template <typename Scratch, typename Fn>
 void run_items(const std::vector<WorkItem>& items, int64_t head_dim, Fn fn) {
   const int64_t count = static_cast<int64_t>(items.size());
   if (count == 0) return;
   const int64_t max_threads = std::min<int64_t>(at::get_num_threads(), count);
-  const int64_t threads = std::clamp<int64_t>(total_cost(items) / kMinCostPerThread, 1, max_threads);
+  const int64_t threads = threads_for(items, head_dim, max_threads);
+  // consecutive items in chunks of about 1/16 of a thread's share: one counter update per chunk, and neighbouring
+  // output rows (and lse entries) written by one thread
+  const int64_t chunk = std::max<int64_t>(1, count / (threads * 16));
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t, int64_t) {
     Scratch scratch(head_dim);
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(items[i], scratch);
+    for (int64_t begin = next.fetch_add(chunk); begin < count; begin = next.fetch_add(chunk)) {
+      for (int64_t i = begin; i < std::min(begin + chunk, count); ++i) fn(items[i], scratch);
+    }
   };
   if (threads == 1) {
     work(0, 1);
@@ -340,7 +357,7 @@ struct KeyTiles {
     // parallel over (kv head, sequence) pairs; each loads one sequence of one head
     const int64_t units = p.batch() * p.heads_k;
     const int64_t values_per_unit = std::max<int64_t>(1, k.numel() / std::max<int64_t>(1, units));
-    const int64_t grain = std::max<int64_t>(1, (kMinCostPerThread * 4) / values_per_unit);
+    const int64_t grain = std::max<int64_t>(1, kMinCopiesPerThread / values_per_unit);
     at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t h = unit / p.batch(), b = unit % p.batch();
@@ -503,7 +520,7 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
       });
   // threads the two-pass split could keep busy (its items are small)
   const int64_t split_threads =
-      std::clamp<int64_t>(total_cost(sequence_items) / kMinCostPerThread, 1, at::get_num_threads());
+      threads_for(sequence_items, d, at::get_num_threads());
   if (heaviest_cost(sequence_items) * split_threads <= total_cost(sequence_items)) {
     const HeadRows<const scalar_t> k_src(k), v_src(v);
     run_items<FusedWorkspace<acc_t>>(sequence_items, d, [&](const WorkItem& item, FusedWorkspace<acc_t>& ws) {
