@@ -35,6 +35,7 @@ from ..model.config import EntropyConfig, ModelConfig
 from ..model.patcher import PatchBatch
 from . import budget_runs, data, intervals, objectives, patchify, train
 from .builders import build_model, make_config
+from .collector import collect_if_due, manual_collection
 
 ARMS = ("baseline", "shallow-baseline", "dpar-entropy", "dpar-static", "dpar-shuffled")
 ARM_KINDS = {"baseline": "baseline", "shallow-baseline": "baseline", "dpar-entropy": "dpar", "dpar-static": "dpar",
@@ -137,21 +138,23 @@ def train_generator(kind: str, config, train_set: TokenSet, table, costs: list[f
     loss_module = objectives.LossModule(model, train_set.grid_width)
     results, steps = {}, len(costs)
     model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings["lr"] * warmup_cosine(step, steps, settings["warmup"])
-        indices = train.batch_indices(step, settings["batch_size"], len(train_set), seed)
-        torch.manual_seed(seed * 1_000_003 + step * 1_009)  # class-label dropout of this step
-        patches = None if table is None else loss_module.patch_batch(table.batch(indices), "cpu")
-        loss = loss_module(train_set.tokens[indices], train_set.labels[indices], patches)
-        if not torch.isfinite(loss):
-            raise ValueError(f"{kind} run (seed {seed}) reached a non-finite loss at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step + 1 in evaluate_at:
-            results[step + 1] = evaluate_at[step + 1](model)
+    with manual_collection():
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings["lr"] * warmup_cosine(step, steps, settings["warmup"])
+            indices = train.batch_indices(step, settings["batch_size"], len(train_set), seed)
+            torch.manual_seed(seed * 1_000_003 + step * 1_009)  # class-label dropout of this step
+            patches = None if table is None else loss_module.patch_batch(table.batch(indices), "cpu")
+            loss = loss_module(train_set.tokens[indices], train_set.labels[indices], patches)
+            if not torch.isfinite(loss):
+                raise ValueError(f"{kind} run (seed {seed}) reached a non-finite loss at step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            collect_if_due(step + 1)
+            if step + 1 in evaluate_at:
+                results[step + 1] = evaluate_at[step + 1](model)
     return model, results
 
 
@@ -165,21 +168,23 @@ def train_entropy_model(train_set: TokenSet, val_set: TokenSet, config: EntropyC
     steps, batch = settings["entropy_steps"], settings["entropy_batch_size"]
     marks, curve = {round(steps * k / 4) for k in range(1, 5)}, []
     model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings["entropy_lr"] * warmup_cosine(step, steps, settings["warmup"])
-        loss = model.loss(train_set.tokens[train.batch_indices(step, batch, len(train_set), seed)])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step + 1 in marks:
-            model.eval()
-            with torch.no_grad():
-                heldout = sum(float(model.loss(val_set.tokens[i:i + 64])) * len(val_set.tokens[i:i + 64])
-                              for i in range(0, len(val_set), 64)) / len(val_set)
-            model.train()
-            curve.append([step + 1, heldout])
+    with manual_collection():
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings["entropy_lr"] * warmup_cosine(step, steps, settings["warmup"])
+            loss = model.loss(train_set.tokens[train.batch_indices(step, batch, len(train_set), seed)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            collect_if_due(step + 1)
+            if step + 1 in marks:
+                model.eval()
+                with torch.no_grad():
+                    heldout = sum(float(model.loss(val_set.tokens[i:i + 64])) * len(val_set.tokens[i:i + 64])
+                                  for i in range(0, len(val_set), 64)) / len(val_set)
+                model.train()
+                curve.append([step + 1, heldout])
     model.eval()
     sample = train_set.tokens[:batch]
     with FlopCounterMode(display=False) as counter:

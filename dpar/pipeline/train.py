@@ -25,6 +25,7 @@ from torch import nn
 
 from .builders import KINDS, build_model, load_model, make_config
 from .checkpoint import load_checkpoint, save_checkpoint
+from .collector import collect_if_due, manual_collection
 from .data import TokenGridDataset
 from .objectives import LossModule, PatchSource, heldout_loss
 from .runlog import read_log
@@ -126,7 +127,7 @@ def train(args: argparse.Namespace, on_step=None) -> list[dict]:
     TrainingInterrupted after SIGINT/SIGTERM (the last finished step checkpointed).
     """
     validate_train_args(args)
-    with StopSignals() as stop:
+    with StopSignals() as stop, manual_collection():
         return _train(args, on_step, stop)
 
 
@@ -197,6 +198,7 @@ def _train(args: argparse.Namespace, on_step, stop: StopSignals) -> list[dict]:
         # fp16: an overflowing gradient is the GradScaler's business (it skipped the update and lowered the scale)
         check_finite_step(step + 1, loss_value, 0.0 if scaler.is_enabled() else grad_norm_value, args.out,
                           saved_step)
+        collect_if_due(step + 1)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         elapsed = time.perf_counter() - started
