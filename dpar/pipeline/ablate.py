@@ -127,6 +127,16 @@ def token_nll(kind: str, model, tokens: TokenSet, table, batch_size: int = 64) -
     return torch.cat(rows)
 
 
+def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> None:
+    """Step ``step`` (0-based) of a training loop run inside collector.manual_collection: backward, clipping at
+    1.0 (as `dpar train`), the optimizer step, and the collection when one is due."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    collect_if_due(step + 1)
+
+
 def train_generator(kind: str, config, train_set: TokenSet, table, costs: list[float], settings: dict, seed: int,
                     evaluate_at: dict) -> tuple[torch.nn.Module, dict]:
     """Train a fresh ``kind`` model for len(costs) steps (AdamW as `dpar train`, warmup + cosine over those steps,
@@ -148,11 +158,7 @@ def train_generator(kind: str, config, train_set: TokenSet, table, costs: list[f
             loss = loss_module(train_set.tokens[indices], train_set.labels[indices], patches)
             if not torch.isfinite(loss):
                 raise ValueError(f"{kind} run (seed {seed}) reached a non-finite loss at step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            collect_if_due(step + 1)
+            _update(model, optimizer, loss, step)
             if step + 1 in evaluate_at:
                 results[step + 1] = evaluate_at[step + 1](model)
     return model, results
@@ -173,11 +179,7 @@ def train_entropy_model(train_set: TokenSet, val_set: TokenSet, config: EntropyC
             for group in optimizer.param_groups:
                 group["lr"] = settings["entropy_lr"] * warmup_cosine(step, steps, settings["warmup"])
             loss = model.loss(train_set.tokens[train.batch_indices(step, batch, len(train_set), seed)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            collect_if_due(step + 1)
+            _update(model, optimizer, loss, step)
             if step + 1 in marks:
                 model.eval()
                 with torch.no_grad():
