@@ -176,14 +176,12 @@ class TokenGridDataset(Dataset):
             raise ValueError(f"codes file {self._codes_paths[image]} has codes outside [0, {self.vocab_size})")
         return codes, torch.tensor(self._label(image), dtype=torch.int64)
 
-
     def preload(self, max_bytes: int = PRELOAD_BYTES) -> bool:
         """Reads every item once into memory (each checked as ``__getitem__`` checks it) when their int64 tokens fit
         in ``max_bytes``, so that ``batch`` slices memory instead of reading two files per item; returns whether
         the items are in memory. Larger datasets stay on disk (read per batch)."""
         if self._memory is None and len(self) * self.tokens_per_image * 8 <= max_bytes:
-            items = [self[i] for i in range(len(self))]
-            self._memory = torch.stack([t for t, _ in items]), torch.stack([label for _, label in items])
+            self._memory = self.batch(torch.arange(len(self)))
         return self._memory is not None
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
